@@ -1,0 +1,17 @@
+"""DFlash speculative decoding for MLX."""
+
+__version__ = "0.1.0"
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, DraftConfig
+from .drafter import DraftModel
+from .loading import load, load_draft
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DraftConfig",
+    "DraftModel",
+    "load",
+    "load_draft",
+]

@@ -1,0 +1,186 @@
+"""The DFlash draft model in MLX: Qwen3-style layers with target-feature KV injection.
+
+Parameter names match the published checkpoints exactly (no prefix), so weights load
+without renaming. The draft has no embedding or LM head of its own: `bind` takes the
+target's.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
+from mlx_lm.models.rope_utils import initialize_rope
+
+from .config import DraftConfig
+from .kernels import block_attention
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DraftConfig, sliding: bool):
+        super().__init__()
+        dim, d = config.hidden_size, config.head_dim
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = d
+        self.scale = d**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(dim, self.n_heads * d, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * d, dim, bias=bias)
+        self.q_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
+        # Published runtimes run sliding draft layers causally within their window;
+        # full layers are bidirectional over the block.
+        self.causal = sliding
+        self.window = config.sliding_window if sliding else None
+
+    def _kv(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        B, L, _ = x.shape
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        return self.k_norm(k).transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def add_context(self, context: mx.array, rope: nn.Module, cache: KVCache) -> None:
+        """Project context features to keys/values at their positions and cache them."""
+        k, v = self._kv(context)
+        cache.update_and_fetch(rope(k, offset=cache.offset), v)
+
+    def __call__(
+        self,
+        x: mx.array,
+        rope: nn.Module,
+        cache: KVCache,
+        context_window: Optional[int],
+    ) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+        q = rope(self.q_norm(q).transpose(0, 2, 1, 3), offset=cache.offset)
+        k, v = self._kv(x)
+        k = rope(k, offset=cache.offset)
+        # The block's keys/values join the cached context for this forward only.
+        if cache.keys is not None:
+            n = cache.offset if context_window is None else min(cache.offset, context_window)
+            k = mx.concatenate([cache.keys[..., cache.offset - n : cache.offset, :], k], axis=2)
+            v = mx.concatenate([cache.values[..., cache.offset - n : cache.offset, :], v], axis=2)
+        out = block_attention(q, k, v, scale=self.scale, causal=self.causal, window=self.window)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DraftConfig, sliding: bool):
+        super().__init__()
+        self.self_attn = Attention(config, sliding)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(self, x, rope, cache, context_window):
+        h = x + self.self_attn(self.input_layernorm(x), rope, cache, context_window)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DraftModel(nn.Module):
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        self.config = config
+        H = config.hidden_size
+        self.fc = nn.Linear(config.num_taps * H, H, bias=False)
+        self.hidden_norm = nn.RMSNorm(H, eps=config.rms_norm_eps)
+        self.layers = [
+            DecoderLayer(config, kind == "sliding_attention") for kind in config.layer_types
+        ]
+        self.norm = nn.RMSNorm(H, eps=config.rms_norm_eps)
+        self.rope = initialize_rope(
+            config.head_dim,
+            base=config.rope_theta,
+            traditional=False,
+            scaling_config=config.rope_scaling,
+            max_position_embeddings=config.max_position_embeddings,
+        )
+        # Bound from the target by `bind`; kept off the parameter tree.
+        object.__setattr__(self, "_embed", None)
+        object.__setattr__(self, "_lm_head", None)
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.mask_token_id
+
+    def bind_head(
+        self, embed: Callable[[mx.array], mx.array], lm_head: Callable[[mx.array], mx.array]
+    ) -> "DraftModel":
+        """Share the target's token embedding and LM head."""
+        object.__setattr__(self, "_embed", embed)
+        object.__setattr__(self, "_lm_head", lm_head)
+        return self
+
+    def bind(self, target: nn.Module) -> "DraftModel":
+        from .tap import embedding_and_head
+
+        return self.bind_head(*embedding_and_head(target))
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def embed(self, ids: mx.array) -> mx.array:
+        if self._embed is None:
+            raise RuntimeError("draft is not bound to a target: call draft.bind(model)")
+        return self._embed(ids)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        if self._lm_head is None:
+            raise RuntimeError("draft is not bound to a target: call draft.bind(model)")
+        return self._lm_head(hidden)
+
+    def add_context(self, context: mx.array, cache: list[KVCache]) -> None:
+        """Append tapped target features [B, S, n_taps * H] to the draft's context cache.
+
+        The context enters every layer's attention as keys/values projected straight
+        from hidden_norm(fc(features)), so it needs no pass through the layers.
+        """
+        if context.shape[1] == 0:
+            return
+        ctx = self.hidden_norm(self.fc(context))
+        for layer, c in zip(self.layers, cache):
+            layer.self_attn.add_context(ctx, self.rope, c)
+
+    def __call__(
+        self,
+        block: mx.array,
+        context: Optional[mx.array] = None,
+        cache: Optional[list[KVCache]] = None,
+        context_window: Optional[int] = None,
+    ) -> mx.array:
+        """Draft one block.
+
+        block: token ids [B, L] (anchor then MASK ids) or their embeddings [B, L, H].
+        context: tapped target features [B, S, n_taps * H] of the positions right before
+            the block that are not in `cache` yet; they are added to it.
+        context_window: attend to at most this many most recent context positions.
+        Returns the final-normed hidden states [B, L, H]; `logits` maps them to vocab.
+        """
+        cache = self.make_cache() if cache is None else cache
+        if context is not None:
+            self.add_context(context, cache)
+        h = self.embed(block) if block.ndim == 2 else block
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, self.rope, c, context_window)
+        return self.norm(h)

@@ -1,0 +1,325 @@
+"""DFlash speculative generation: `stream_generate`, `generate` and the mlx_lm-style CLI.
+
+One cycle, as in the paper: the draft proposes a block in one forward, the target
+verifies it in one forward, the longest acceptable prefix is kept (plus one target
+token), and the caches roll back to the last accepted token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Generator, Iterator, List, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import generation_stream
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .drafter import DraftModel
+from .kernels import verify_attention
+from .rollback import rollback_for
+from .sampling import SamplingParams, greedy_accept, speculative_accept
+from .tap import embedding_and_head, tap_hidden_states, target_layers
+
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+@dataclass
+class GenerationResponse:
+    """What mlx_lm's GenerationResponse carries, plus the acceptance of the cycle."""
+
+    text: str
+    token: int
+    logprobs: mx.array
+    from_draft: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: Optional[str] = None
+    accepted: int = 0  # draft tokens accepted in the cycle that produced this token
+    acceptance_length: float = 0.0  # running mean tokens per cycle (tau)
+    cycles: int = 0
+
+
+@dataclass
+class Cycle:
+    tokens: list[int]  # accepted draft tokens, then one target token
+    logprobs: mx.array  # [len(tokens), V] target log-probabilities at those positions
+    accepted: int
+
+
+def check_pair(model: nn.Module, draft: DraftModel) -> None:
+    """A clear error before generation when the draft was not made for this target."""
+    cfg = draft.config
+    n_layers = len(target_layers(model))
+    embed, _ = embedding_and_head(model)
+    vocab = embed.weight.shape[0]
+    hidden = embed(mx.array([0])).shape[-1]
+    problems = []
+    if cfg.num_target_layers != n_layers:
+        problems.append(
+            f"draft expects {cfg.num_target_layers} target layers, target has {n_layers}"
+        )
+    if cfg.hidden_size != hidden:
+        problems.append(f"draft hidden size {cfg.hidden_size} != target hidden size {hidden}")
+    if bad := [i for i in cfg.target_layer_ids if not 0 <= i < n_layers]:
+        problems.append(f"draft target_layer_ids {bad} out of range for {n_layers} layers")
+    if not 0 <= cfg.mask_token_id < vocab:
+        problems.append(f"draft mask_token_id {cfg.mask_token_id} outside target vocab {vocab}")
+    if cfg.vocab_size != vocab:
+        problems.append(f"draft vocab_size {cfg.vocab_size} != target vocab {vocab}")
+    if problems:
+        raise ValueError("draft does not match target: " + "; ".join(problems))
+
+
+def _process(
+    processors: List[LogitsProcessor], history: mx.array, block: mx.array, logits: mx.array
+) -> mx.array:
+    """Apply mlx_lm logits processors position by position, as sequential decoding would."""
+    rows = []
+    for i in range(logits.shape[0]):
+        row = logits[i : i + 1]
+        seen = mx.concatenate([history, block[1 : i + 1]])
+        for processor in processors:
+            row = processor(seen, row)
+        rows.append(row)
+    return mx.concatenate(rows, axis=0)
+
+
+def dflash_cycles(
+    model: nn.Module,
+    draft: DraftModel,
+    prompt: mx.array,
+    *,
+    max_tokens: int = 256,
+    sampling: SamplingParams = SamplingParams(),
+    logits_processors: Optional[List[LogitsProcessor]] = None,
+    block_size: Optional[int] = None,
+    draft_window: Optional[int] = None,
+    prefill_step_size: int = 2048,
+) -> Iterator[Cycle]:
+    """Yield one Cycle per target forward; the first is the prefill's token."""
+    check_pair(model, draft)
+    draft.bind(model)
+    B = block_size or draft.block_size
+    if B < 1:
+        raise ValueError(f"block size must be >= 1, got {B}")
+    processors = logits_processors or []
+    cache = make_prompt_cache(model)
+    draft_cache = draft.make_cache()
+    history = prompt
+
+    def pick(logits: mx.array, block: mx.array) -> tuple[mx.array, mx.array]:
+        if processors:
+            logits = _process(processors, history, block, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return logprobs, logprobs if sampling.greedy else sampling.log_distribution(logprobs)
+
+    with (
+        tap_hidden_states(model, draft.config.target_layer_ids) as tap,
+        rollback_for(model, cache) as rollback,
+        mx.stream(generation_stream),
+    ):
+        # Prefill: the target reads the prompt in chunks; the draft caches its features.
+        for start in range(0, prompt.size, prefill_step_size):
+            logits = model(prompt[None, start : start + prefill_step_size], cache=cache)
+            draft.add_context(tap.features(), draft_cache)
+            mx.eval([c.state for c in cache] + [c.state for c in draft_cache])
+        logprobs, dist = pick(logits[0, -1:], prompt[-1:])
+        first = mx.argmax(dist, axis=-1) if sampling.greedy else mx.random.categorical(dist)
+        token = first.item()
+        yield Cycle([token], logprobs, 0)
+        n_emitted, context = 1, None
+
+        while n_emitted < max_tokens:
+            history = mx.concatenate([history, mx.array([token])])
+            bs = min(B, max_tokens - n_emitted)
+
+            # Draft: one forward proposes bs-1 tokens after the anchor.
+            if bs > 1:
+                block = mx.array([[token] + [draft.mask_token_id] * (bs - 1)])
+                hidden = draft(block, context, draft_cache, draft_window)
+                draft_logits = draft.logits(hidden[0, 1:])
+                if sampling.greedy:
+                    drafted = mx.argmax(draft_logits, axis=-1)
+                else:
+                    draft_dist = sampling.log_distribution(
+                        draft_logits - mx.logsumexp(draft_logits, axis=-1, keepdims=True)
+                    )
+                    drafted = mx.random.categorical(draft_dist)
+                verify_in = mx.concatenate([mx.array([token]), drafted.astype(mx.int32)])
+            else:
+                drafted = mx.array([], dtype=mx.int32)
+                verify_in = mx.array([token])
+
+            # Verify: one target forward over the whole block.
+            with rollback.verifying(), verify_attention(model):
+                logits = model(verify_in[None], cache=cache)
+            features = tap.features()
+            logprobs, dist = pick(logits[0], verify_in)
+
+            # Accept: on device; then the cycle's one host sync.
+            if bs == 1:
+                n_acc = mx.array(0)
+                nxt = mx.argmax(dist[0]) if sampling.greedy else mx.random.categorical(dist[0])
+            elif sampling.greedy:
+                n_acc, nxt = greedy_accept(drafted, mx.argmax(dist, axis=-1))
+            else:
+                n_acc, nxt = speculative_accept(drafted, draft_dist, dist)
+            mx.eval(n_acc, nxt, drafted)
+            a = n_acc.item()
+            tokens = drafted[:a].tolist() + [nxt.item()]
+
+            # Roll back: caches keep the anchor and the accepted drafts.
+            rollback(a + 1, bs)
+            context = features[:, : a + 1]
+            history = mx.concatenate([history, verify_in[1 : a + 1]])
+            token = tokens[-1]
+            n_emitted += len(tokens)
+            yield Cycle(tokens, logprobs[: a + 1], a)
+
+
+def _encode(tokenizer: TokenizerWrapper, prompt: Union[str, mx.array, List[int]]) -> mx.array:
+    if isinstance(prompt, mx.array):
+        return prompt
+    if isinstance(prompt, str):
+        add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
+        prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
+    return mx.array(prompt)
+
+
+def stream_generate(
+    model: nn.Module,
+    draft: DraftModel,
+    tokenizer: Any,
+    prompt: Union[str, mx.array, List[int]],
+    max_tokens: int = 256,
+    *,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    min_p: float = 0.0,
+    min_tokens_to_keep: int = 1,
+    top_k: int = 0,
+    logits_processors: Optional[List[LogitsProcessor]] = None,
+    block_size: Optional[int] = None,
+    draft_window: Optional[int] = None,
+    prefill_step_size: int = 2048,
+) -> Generator[GenerationResponse, None, None]:
+    """Like `mlx_lm.stream_generate`: one response per token, same text and stopping.
+
+    Greedy output equals the target's own greedy output; with temp > 0 tokens follow
+    exactly the target's sampling distribution (speculative rejection sampling).
+    """
+    if max_tokens == 0:
+        raise ValueError("max_tokens must be non-zero (use -1 for no limit)")
+    if temp < 0:
+        raise ValueError(f"temp must be >= 0, got {temp}")
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    prompt = _encode(tokenizer, prompt)
+    if prompt.size == 0:
+        raise ValueError("the prompt is empty")
+    sampling = SamplingParams(temp, top_p, min_p, min_tokens_to_keep, top_k)
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    limit = max_tokens if max_tokens > 0 else sys.maxsize
+
+    cycles = dflash_cycles(
+        model,
+        draft,
+        prompt,
+        max_tokens=limit,
+        sampling=sampling,
+        logits_processors=logits_processors,
+        block_size=block_size,
+        draft_window=draft_window,
+        prefill_step_size=prefill_step_size,
+    )
+    tic = time.perf_counter()
+    n, n_cycles, emitted_in_cycles = 0, 0, 0
+    prompt_tps = 0.0
+    try:
+        for cycle in cycles:
+            if n == 0:
+                prompt_tps = prompt.size / (time.perf_counter() - tic)
+                tic = time.perf_counter()
+            else:
+                n_cycles += 1
+                emitted_in_cycles += len(cycle.tokens)
+            tau = emitted_in_cycles / n_cycles if n_cycles else 0.0
+            for i, token in enumerate(cycle.tokens):
+                n += 1
+                stop = token in tokenizer.eos_token_ids
+                if not stop:
+                    detokenizer.add_token(token)
+                last = stop or n == limit
+                if last:
+                    detokenizer.finalize()
+                yield GenerationResponse(
+                    text=detokenizer.last_segment,
+                    token=token,
+                    logprobs=cycle.logprobs[i],
+                    from_draft=i < cycle.accepted,
+                    prompt_tokens=prompt.size,
+                    prompt_tps=prompt_tps,
+                    generation_tokens=n,
+                    generation_tps=n / (time.perf_counter() - tic),
+                    peak_memory=mx.get_peak_memory() / 1e9,
+                    finish_reason=("stop" if stop else "length") if last else None,
+                    accepted=cycle.accepted,
+                    acceptance_length=tau,
+                    cycles=n_cycles,
+                )
+                if last:
+                    return
+    finally:
+        cycles.close()  # leaves no tap or hook on the target
+
+
+def generate(
+    model: nn.Module,
+    draft: DraftModel,
+    tokenizer: Any,
+    prompt: Union[str, mx.array, List[int]],
+    verbose: bool = False,
+    **kwargs: Any,
+) -> str:
+    """Generate a complete response; with verbose, stream it and print statistics."""
+    if verbose:
+        print("=" * 10)
+    text = ""
+    accepted = Counter()
+    response = None
+    for response in stream_generate(model, draft, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+        if response.cycles and response.accepted is not None:
+            accepted[response.cycles] = response.accepted + 1
+    if verbose and response is not None:
+        print("\n" + "=" * 10)
+        if not text:
+            print("No text generated for this prompt")
+            return text
+        print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
+        print(
+            f"Generation: {response.generation_tokens} tokens, "
+            f"{response.generation_tps:.3f} tokens-per-sec"
+        )
+        print(f"Peak memory: {response.peak_memory:.3f} GB")
+        print(f"Acceptance length (tau): {response.acceptance_length:.2f} tokens per cycle")
+        print("Accepted per cycle: " + format_histogram(Counter(accepted.values())))
+    return text
+
+
+def format_histogram(counts: Counter) -> str:
+    total = sum(counts.values()) or 1
+    return "  ".join(f"{k}:{100 * v / total:.0f}%" for k, v in sorted(counts.items()))
