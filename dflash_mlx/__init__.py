@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .checkpoint import CheckpointError
 from .config import ConfigError, DraftConfig
 from .drafter import DraftModel
+from .generate import GenerationResponse, generate, stream_generate
 from .loading import load, load_draft
 
 __all__ = [
@@ -12,6 +13,9 @@ __all__ = [
     "ConfigError",
     "DraftConfig",
     "DraftModel",
+    "GenerationResponse",
+    "generate",
+    "stream_generate",
     "load",
     "load_draft",
 ]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_flatten
 
 from .config import DraftConfig, load_config
@@ -128,7 +127,7 @@ def validate(model: DraftModel, weights: dict[str, mx.array]) -> None:
         raise CheckpointError("draft checkpoint does not match its config: " + "; ".join(problems))
 
 
-def _quantize(model: DraftModel, group_size: int, bits: int, weights: Optional[dict] = None):
+def _quantize(model: DraftModel, group_size: int, bits: int, weights: dict | None = None):
     def predicate(path: str, module: nn.Module) -> bool:
         if not hasattr(module, "to_quantized"):
             return False
@@ -142,8 +141,8 @@ def _quantize(model: DraftModel, group_size: int, bits: int, weights: Optional[d
 def build(
     config: DraftConfig,
     weights: dict[str, mx.array],
-    dtype: Optional[mx.Dtype] = None,
-    quantize: Optional[tuple[int, int]] = None,
+    dtype: mx.Dtype | None = None,
+    quantize: tuple[int, int] | None = None,
 ) -> DraftModel:
     """A validated draft from config + weights; cast to `dtype`; quantize=(group, bits)."""
     model = DraftModel(config)

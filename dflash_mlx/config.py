@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -38,18 +38,18 @@ class DraftConfig:
     attention_bias: bool = False
     max_position_embeddings: int = 40960
     rope_theta: float = 1000000.0
-    rope_scaling: Optional[dict] = None
+    rope_scaling: dict | None = None
     layer_types: list[str] = field(default_factory=list)
-    sliding_window: Optional[int] = None
-    quantization: Optional[dict] = None
+    sliding_window: int | None = None
+    quantization: dict | None = None
 
     @property
     def num_taps(self) -> int:
         return len(self.target_layer_ids)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "DraftConfig":
-        def need(key: str, where: dict = raw, name: Optional[str] = None):
+    def from_dict(cls, raw: dict[str, Any]) -> DraftConfig:
+        def need(key: str, where: dict = raw, name: str | None = None):
             if key not in where or where[key] is None:
                 raise ConfigError(f"draft config is missing '{name or key}'")
             return where[key]
@@ -169,7 +169,7 @@ class DraftConfig:
         return d
 
 
-def _normalise_rope_scaling(scaling: Optional[dict]) -> Optional[dict]:
+def _normalise_rope_scaling(scaling: dict | None) -> dict | None:
     if not scaling:
         return None
     scaling = dict(scaling)

@@ -8,7 +8,6 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -20,7 +19,7 @@ from .config import ConfigError
 def convert(
     hf_path: str,
     mlx_path: str = "mlx_model",
-    dtype: Optional[str] = None,
+    dtype: str | None = None,
     quantize: bool = False,
     q_bits: int = 4,
     q_group_size: int = 64,
@@ -88,7 +87,7 @@ def _source_dtype(weights: dict[str, mx.array]) -> mx.Dtype:
     return mx.float16
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Convert a DFlash draft checkpoint (Hub id or local dir) to MLX."
     )

@@ -7,10 +7,10 @@ target's.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
@@ -54,7 +54,7 @@ class Attention(nn.Module):
         x: mx.array,
         rope: nn.Module,
         cache: KVCache,
-        context_window: Optional[int],
+        context_window: int | None,
     ) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
@@ -126,13 +126,13 @@ class DraftModel(nn.Module):
 
     def bind_head(
         self, embed: Callable[[mx.array], mx.array], lm_head: Callable[[mx.array], mx.array]
-    ) -> "DraftModel":
+    ) -> DraftModel:
         """Share the target's token embedding and LM head."""
         object.__setattr__(self, "_embed", embed)
         object.__setattr__(self, "_lm_head", lm_head)
         return self
 
-    def bind(self, target: nn.Module) -> "DraftModel":
+    def bind(self, target: nn.Module) -> DraftModel:
         from .tap import embedding_and_head
 
         return self.bind_head(*embedding_and_head(target))
@@ -165,9 +165,9 @@ class DraftModel(nn.Module):
     def __call__(
         self,
         block: mx.array,
-        context: Optional[mx.array] = None,
-        cache: Optional[list[KVCache]] = None,
-        context_window: Optional[int] = None,
+        context: mx.array | None = None,
+        cache: list[KVCache] | None = None,
+        context_window: int | None = None,
     ) -> mx.array:
         """Draft one block.
 

@@ -12,11 +12,13 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Iterator, List, Optional, Union
+from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -43,7 +45,7 @@ class GenerationResponse:
     generation_tokens: int
     generation_tps: float
     peak_memory: float
-    finish_reason: Optional[str] = None
+    finish_reason: str | None = None
     accepted: int = 0  # draft tokens accepted in the cycle that produced this token
     acceptance_length: float = 0.0  # running mean tokens per cycle (tau)
     cycles: int = 0
@@ -81,7 +83,7 @@ def check_pair(model: nn.Module, draft: DraftModel) -> None:
 
 
 def _process(
-    processors: List[LogitsProcessor], history: mx.array, block: mx.array, logits: mx.array
+    processors: list[LogitsProcessor], history: mx.array, block: mx.array, logits: mx.array
 ) -> mx.array:
     """Apply mlx_lm logits processors position by position, as sequential decoding would."""
     rows = []
@@ -100,13 +102,14 @@ def dflash_cycles(
     prompt: mx.array,
     *,
     max_tokens: int = 256,
-    sampling: SamplingParams = SamplingParams(),
-    logits_processors: Optional[List[LogitsProcessor]] = None,
-    block_size: Optional[int] = None,
-    draft_window: Optional[int] = None,
+    sampling: SamplingParams | None = None,
+    logits_processors: list[LogitsProcessor] | None = None,
+    block_size: int | None = None,
+    draft_window: int | None = None,
     prefill_step_size: int = 2048,
 ) -> Iterator[Cycle]:
     """Yield one Cycle per target forward; the first is the prefill's token."""
+    sampling = sampling or SamplingParams()
     check_pair(model, draft)
     draft.bind(model)
     B = block_size or draft.block_size
@@ -187,7 +190,7 @@ def dflash_cycles(
             yield Cycle(tokens, logprobs[: a + 1], a)
 
 
-def _encode(tokenizer: TokenizerWrapper, prompt: Union[str, mx.array, List[int]]) -> mx.array:
+def _encode(tokenizer: TokenizerWrapper, prompt: str | mx.array | list[int]) -> mx.array:
     if isinstance(prompt, mx.array):
         return prompt
     if isinstance(prompt, str):
@@ -200,7 +203,7 @@ def stream_generate(
     model: nn.Module,
     draft: DraftModel,
     tokenizer: Any,
-    prompt: Union[str, mx.array, List[int]],
+    prompt: str | mx.array | list[int],
     max_tokens: int = 256,
     *,
     temp: float = 0.0,
@@ -208,9 +211,9 @@ def stream_generate(
     min_p: float = 0.0,
     min_tokens_to_keep: int = 1,
     top_k: int = 0,
-    logits_processors: Optional[List[LogitsProcessor]] = None,
-    block_size: Optional[int] = None,
-    draft_window: Optional[int] = None,
+    logits_processors: list[LogitsProcessor] | None = None,
+    block_size: int | None = None,
+    draft_window: int | None = None,
     prefill_step_size: int = 2048,
 ) -> Generator[GenerationResponse, None, None]:
     """Like `mlx_lm.stream_generate`: one response per token, same text and stopping.
@@ -288,7 +291,7 @@ def generate(
     model: nn.Module,
     draft: DraftModel,
     tokenizer: Any,
-    prompt: Union[str, mx.array, List[int]],
+    prompt: str | mx.array | list[int],
     verbose: bool = False,
     **kwargs: Any,
 ) -> str:
@@ -323,3 +326,133 @@ def generate(
 def format_histogram(counts: Counter) -> str:
     total = sum(counts.values()) or 1
     return "  ".join(f"{k}:{100 * v / total:.0f}%" for k, v in sorted(counts.items()))
+
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "examples" / "demo"
+DEFAULT_PROMPT = "def fibonacci(n):"
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dflash-mlx generate",
+        description="Generate text with DFlash speculative decoding (output equals the "
+        "target's own for greedy decoding; same distribution when sampling).",
+    )
+    parser.add_argument("--model", help="target: path or Hub id (default: the demo target)")
+    parser.add_argument("--draft-model", help="DFlash draft: path or Hub id (default: demo draft)")
+    parser.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="prompt ('-' reads stdin)")
+    parser.add_argument("--system-prompt", default=None, help="system prompt for the chat template")
+    parser.add_argument("--max-tokens", "-m", type=int, default=256)
+    parser.add_argument("--temp", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--ignore-chat-template", action="store_true")
+    parser.add_argument("--chat-template-config", default=None, help="JSON of template kwargs")
+    parser.add_argument("--extra-eos-token", type=str, nargs="+", default=())
+    parser.add_argument("--prefill-step-size", type=int, default=2048)
+    parser.add_argument("--block-size", type=int, default=None, help="default: the draft's")
+    parser.add_argument(
+        "--draft-window", type=int, default=None, help="draft attends to at most this much context"
+    )
+    parser.add_argument(
+        "--verbose",
+        type=lambda s: s.lower() in ("1", "true", "yes"),
+        nargs="?",
+        const=True,
+        default=True,
+        help="print statistics (default: true)",
+    )
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.max_tokens == 0 or args.max_tokens < -1:
+        raise ValueError(f"--max-tokens must be positive or -1, got {args.max_tokens}")
+    if args.temp < 0:
+        raise ValueError(f"--temp must be >= 0, got {args.temp}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0 <= args.min_p <= 1:
+        raise ValueError(f"--min-p must be in [0, 1], got {args.min_p}")
+    if args.block_size is not None and not 1 <= args.block_size <= 64:
+        raise ValueError(f"--block-size must be in 1…64, got {args.block_size}")
+    if args.draft_window is not None and args.draft_window < 1:
+        raise ValueError(f"--draft-window must be positive, got {args.draft_window}")
+    if args.prefill_step_size < 1:
+        raise ValueError(f"--prefill-step-size must be positive, got {args.prefill_step_size}")
+
+
+def run(args: argparse.Namespace) -> None:
+    from .loading import load, load_draft
+
+    _check_args(args)
+    template_kwargs = {}
+    if args.chat_template_config is not None:
+        try:
+            template_kwargs = json.loads(args.chat_template_config)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--chat-template-config is not valid JSON: {e}") from e
+    if (args.model is None or args.draft_model is None) and not (DEMO_DIR / "target").exists():
+        raise ValueError("give --model and --draft-model (the demo pair is not installed)")
+    model_path = args.model or str(DEMO_DIR / "target")
+    draft_path = args.draft_model or str(DEMO_DIR / "draft")
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+
+    model, tokenizer = load(model_path)
+    draft = load_draft(draft_path)
+    for eos_token in args.extra_eos_token:
+        tokenizer.add_eos_token(eos_token)
+
+    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    prompt = sys.stdin.read() if prompt == "-" else prompt
+    use_chat_template = not args.ignore_chat_template and tokenizer.has_chat_template
+    if use_chat_template:
+        messages = (
+            []
+            if args.system_prompt is None
+            else [{"role": "system", "content": args.system_prompt}]
+        )
+        messages.append({"role": "user", "content": prompt})
+        prompt = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+        )
+    prompt = tokenizer.encode(prompt, add_special_tokens=not use_chat_template)
+
+    text = generate(
+        model,
+        draft,
+        tokenizer,
+        prompt,
+        verbose=args.verbose,
+        max_tokens=args.max_tokens,
+        temp=args.temp,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        top_k=args.top_k,
+        block_size=args.block_size,
+        draft_window=args.draft_window,
+        prefill_step_size=args.prefill_step_size,
+    )
+    if not args.verbose:
+        print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, OSError) as e:  # ConfigError/CheckpointError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

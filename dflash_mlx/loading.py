@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 
 from .checkpoint import DTYPES, build, read
 from .drafter import DraftModel
@@ -19,7 +19,7 @@ def load(path_or_hf_repo: str, **kwargs: Any) -> tuple[nn.Module, Any]:
     return mlx_lm_load(path_or_hf_repo, **kwargs)
 
 
-def load_draft(path_or_hf_repo: str | Path, dtype: Optional[str | mx.Dtype] = None) -> DraftModel:
+def load_draft(path_or_hf_repo: str | Path, dtype: str | mx.Dtype | None = None) -> DraftModel:
     """A DFlash draft from a `convert.py` output, an unconverted HF checkpoint, or a Hub id.
 
     Unconverted checkpoints are validated and converted in memory. Bind it to its target

@@ -12,11 +12,12 @@ rejected tail too. Per cache kind:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx_lm.models.cache import ArraysCache, RotatingKVCache
 
 from .tap import target_layers

@@ -9,7 +9,6 @@ applies them; so the emitted tokens follow exactly the target's sampling distrib
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
@@ -49,7 +48,7 @@ def speculative_accept(
     drafted: mx.array,
     draft_logq: mx.array,
     target_logp: mx.array,
-    key: Optional[mx.array] = None,
+    key: mx.array | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023).
 

@@ -8,11 +8,11 @@ the original classes, also after an exception or KeyboardInterrupt.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 
 _RECORDING_CLASSES: dict[type, type] = {}
 
@@ -67,7 +67,7 @@ class Tap:
 
     def __init__(self, layer_ids: list[int], num_layers: int, final_norm: nn.Module):
         self.layer_ids = list(layer_ids)
-        self._outputs: list[Optional[mx.array]] = [None] * len(layer_ids)
+        self._outputs: list[mx.array | None] = [None] * len(layer_ids)
         # hidden_states[N] in transformers is the final-normed output of the last layer.
         self._normed_slot = (
             self.layer_ids.index(num_layers - 1) if num_layers - 1 in layer_ids else None

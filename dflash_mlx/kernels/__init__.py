@@ -11,7 +11,7 @@ from typing import Optional
 import mlx.core as mx
 
 
-def block_mask(lq: int, s: int, causal: bool, window: Optional[int]) -> Optional[mx.array]:
+def block_mask(lq: int, s: int, causal: bool, window: int | None) -> mx.array | None:
     """Boolean [Lq, S] visibility mask, or None when every key is visible."""
     if not causal and window is None:
         return None
@@ -30,7 +30,7 @@ def block_attention(
     *,
     scale: float,
     causal: bool,
-    window: Optional[int] = None,
+    window: int | None = None,
 ) -> mx.array:
     """queries [B, Hq, Lq, D], keys/values [B, Hkv, S, D] -> [B, Hq, Lq, D]."""
     lq, s = queries.shape[2], keys.shape[2]
@@ -39,8 +39,8 @@ def block_attention(
 
 
 # Placeholder until the routing module lands: verify runs mlx-lm's own attention.
-from contextlib import nullcontext as _nullcontext  # noqa: E402
+from contextlib import nullcontext as _nullcontext
 
 
-def verify_attention(model):  # noqa: D103
+def verify_attention(model):
     return _nullcontext()

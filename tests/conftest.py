@@ -1,0 +1,66 @@
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """CUDA-only tests run on the GPU machine; elsewhere they are deselected, not skipped."""
+    if mx.cuda.is_available():
+        return
+    keep = [i for i in items if "cuda" not in i.keywords]
+    dropped = [i for i in items if "cuda" in i.keywords]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+def write_random_draft(path: Path, target_config: dict, *, block_size: int = 8, seed: int = 0,
+                       layer_ids=None, num_layers: int = 2) -> Path:
+    """A random draft in the published HF format (bf16 safetensors) matching a target."""
+    from mlx.utils import tree_flatten
+
+    from dflash_mlx.config import DraftConfig
+    from dflash_mlx.drafter import DraftModel
+
+    n = target_config["num_hidden_layers"]
+    raw = {
+        "architectures": ["DFlashDraftModel"],
+        "model_type": "qwen3",
+        "block_size": block_size,
+        "dflash_config": {
+            "mask_token_id": target_config["vocab_size"] - 1,
+            "target_layer_ids": layer_ids or [1, n - 2],
+        },
+        "num_target_layers": n,
+        "hidden_size": target_config["hidden_size"],
+        "intermediate_size": 2 * target_config["hidden_size"],
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": target_config["vocab_size"],
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 4096,
+    }
+    mx.random.seed(seed)
+    model = DraftModel(DraftConfig.from_dict(raw))
+    path.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(
+        str(path / "model.safetensors"),
+        {k: v.astype(mx.bfloat16) for k, v in tree_flatten(model.parameters())},
+    )
+    (path / "config.json").write_text(json.dumps(raw))
+    return path
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
