@@ -19,7 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx import nn
-from mlx_lm.generate import generation_stream
+from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -83,13 +83,15 @@ def check_pair(model: nn.Module, draft: DraftModel) -> None:
 
 
 def _process(
-    processors: list[LogitsProcessor], history: mx.array, block: mx.array, logits: mx.array
+    processors: list[LogitsProcessor], history: list[int], block: mx.array, logits: mx.array
 ) -> mx.array:
-    """Apply mlx_lm logits processors position by position, as sequential decoding would."""
+    """Apply mlx_lm logits processors position by position, as sequential decoding would:
+    position i has seen `history` and block[: i + 1]."""
     rows = []
+    history = mx.array(history)
     for i in range(logits.shape[0]):
         row = logits[i : i + 1]
-        seen = mx.concatenate([history, block[1 : i + 1]])
+        seen = mx.concatenate([history, block[: i + 1]])
         for processor in processors:
             row = processor(seen, row)
         rows.append(row)
@@ -118,7 +120,7 @@ def dflash_cycles(
     processors = logits_processors or []
     cache = make_prompt_cache(model)
     draft_cache = draft.make_cache()
-    history = prompt
+    history = prompt[:-1].tolist() if processors else []  # tokens before the block
 
     def pick(logits: mx.array, block: mx.array) -> tuple[mx.array, mx.array]:
         if processors:
@@ -127,23 +129,26 @@ def dflash_cycles(
         return logprobs, logprobs if sampling.greedy else sampling.log_distribution(logprobs)
 
     with (
+        wired_limit(model, [generation_stream]),
         tap_hidden_states(model, draft.config.target_layer_ids) as tap,
         rollback_for(model, cache) as rollback,
         mx.stream(generation_stream),
     ):
-        # Prefill: the target reads the prompt in chunks; the draft caches its features.
-        for start in range(0, prompt.size, prefill_step_size):
-            logits = model(prompt[None, start : start + prefill_step_size], cache=cache)
+        # Prefill: the target reads the prompt in chunks (the last token alone, as mlx_lm
+        # does, so no chunk computes full-vocabulary logits); the draft caches the features.
+        head = prompt[:-1]
+        chunks = [head[i : i + prefill_step_size] for i in range(0, head.size, prefill_step_size)]
+        for chunk in [*chunks, prompt[-1:]]:
+            logits = model(chunk[None], cache=cache)
             draft.add_context(tap.features(), draft_cache)
             mx.eval([c.state for c in cache] + [c.state for c in draft_cache])
         logprobs, dist = pick(logits[0, -1:], prompt[-1:])
         first = mx.argmax(dist, axis=-1) if sampling.greedy else mx.random.categorical(dist)
         token = first.item()
         yield Cycle([token], logprobs, 0)
-        n_emitted, context = 1, None
+        n_emitted, n_cycles, context = 1, 0, None
 
         while n_emitted < max_tokens:
-            history = mx.concatenate([history, mx.array([token])])
             bs = min(B, max_tokens - n_emitted)
 
             # Draft: one forward proposes bs-1 tokens after the anchor.
@@ -179,14 +184,18 @@ def dflash_cycles(
                 n_acc, nxt = speculative_accept(drafted, draft_dist, dist)
             mx.eval(n_acc, nxt, drafted)
             a = n_acc.item()
-            tokens = drafted[:a].tolist() + [nxt.item()]
+            tokens = drafted.tolist()[:a] + [nxt.item()]
 
             # Roll back: caches keep the anchor and the accepted drafts.
             rollback(a + 1, bs)
             context = features[:, : a + 1]
-            history = mx.concatenate([history, verify_in[1 : a + 1]])
+            if processors:
+                history += [token] + tokens[:-1]
             token = tokens[-1]
             n_emitted += len(tokens)
+            n_cycles += 1
+            if n_cycles % 64 == 0:
+                mx.clear_cache()
             yield Cycle(tokens, logprobs[: a + 1], a)
 
 

@@ -272,3 +272,17 @@ def test_cli_bad_arguments(pairs, args, message):
     result = run_cli(*[x for kv in base.items() for x in kv], "-p", "hi")
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_logits_processors_match_mlx_lm(pairs):
+    from mlx_lm.sample_utils import make_logits_processors
+
+    target_dir, draft_dir = pairs("qwen3")
+    model, _ = mlx_lm_load(str(target_dir))
+    processors = make_logits_processors(repetition_penalty=1.5, repetition_context_size=8)
+    gen = generate_step(mx.array(PROMPT), model, logits_processors=processors)
+    expected = [int(t) for t, _ in zip((t for t, _ in gen), range(72))]
+    B = 8
+    draft = OracleDraft(load_draft(draft_dir).config, PROMPT + expected, [None, 3, 0, 6])
+    got = run_dflash(model, draft, PROMPT, 64, block_size=B, logits_processors=processors)
+    assert got == expected[:64]

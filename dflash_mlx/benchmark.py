@@ -1,0 +1,691 @@
+"""`dflash-mlx benchmark`: DFlash side by side with mlx_lm on the same prompts.
+
+Three ways to decode each prompt, greedy:
+  target    mlx_lm.stream_generate(model)                       autoregressive
+  baseline  mlx_lm.stream_generate(model, draft_model=...)      mlx_lm's speculative decoding
+  dflash    dflash_mlx.generate.stream_generate(model, draft)
+
+Each is warmed up, repeated, and reported as the median over repeats (then over the
+prompts of a suite). Optionally the prompts are padded to fixed context lengths, and
+one DFlash cycle is broken down into its phases with an instrumented copy of the loop
+(`cycle_breakdown`): the production loop carries no timing syncs.
+
+Efficiency = measured speedup / (tau * AR step time / model-math cycle time): the share
+of the speedup that the cycle's model math allows which the real loop delivers. The
+model-math cycle time is the instrumented cycle minus the host's graph-building time;
+what is missing from efficiency is host overhead (Python, graph building, syncs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx import nn
+from mlx_lm import stream_generate as mlx_lm_stream_generate
+from mlx_lm.generate import generate_step, generation_stream
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .drafter import DraftModel
+from .generate import DEMO_DIR, check_pair
+from .generate import stream_generate as dflash_stream_generate
+from .kernels import verify_attention
+from .rollback import rollback_for
+from .sampling import greedy_accept
+from .tap import tap_hidden_states
+
+PROMPTS: dict[str, list[str]] = {
+    "math": [
+        "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+        "clips in May. How many clips did Natalia sell altogether in April and May? "
+        "Reason step by step.",
+        "A train travels 120 km in 1.5 hours and then 80 km in 1 hour. What is its average "
+        "speed for the whole trip? Show your work.",
+        "Solve for x: 3x + 7 = 2x - 5. Explain each step.",
+        "What is the sum of the first 50 positive even integers? Explain how you get it.",
+        "A rectangle has a perimeter of 36 cm and its length is twice its width. Find its "
+        "area, step by step.",
+    ],
+    "code": [
+        "Write a Python function `is_palindrome(s: str) -> bool` that ignores case and "
+        "non-alphanumeric characters, with a docstring and two examples.",
+        "Implement binary search over a sorted list in Python and explain its complexity.",
+        "Write a Python class `LRUCache` with `get` and `put` methods running in O(1).",
+        "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number iteratively.\"\"\"\n",
+        "Write a function that merges two sorted lists into one sorted list, then test it.",
+    ],
+    "chat": [
+        "What are three tips for staying focused while working from home?",
+        "Explain to a ten-year-old why the sky is blue.",
+        "Write a short, friendly email inviting a colleague to a team lunch on Friday.",
+        "Compare cats and dogs as pets in a few sentences.",
+        "Summarise the plot of a heist movie you would like to see, in one paragraph.",
+    ],
+}
+
+# Padding for the context sweep: neutral prose, repeated as needed, put before the prompt.
+FILLER = (
+    "The archive holds letters, maps and ledgers collected over two centuries. Each box "
+    "is labelled with the year it arrived and the family that donated it. Researchers "
+    "read in the quiet room on the second floor, where the windows face the river and "
+    "the light stays even through the afternoon. Nothing leaves the building; copies are "
+    "made on request and posted within a week. "
+)
+
+METHODS = ("target", "baseline", "dflash")
+
+
+@dataclass
+class Run:
+    """One decode of one prompt."""
+
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    tau: float  # tokens per target forward (1 for the target alone)
+    accepted: list[int] = field(default_factory=list)  # draft tokens accepted per cycle
+
+
+def acceptance_by_position(accepted: list[int], block: int) -> list[float]:
+    """Share of cycles whose draft token at block position i (1…block-1) was accepted."""
+    n = len(accepted) or 1
+    return [sum(a >= i for a in accepted) / n for i in range(1, block)]
+
+
+def _runs_from_flags(flags: list[bool]) -> list[int]:
+    """mlx_lm speculative output -> accepted draft tokens per target forward."""
+    accepted, run = [], 0
+    for from_draft in flags:
+        if from_draft:
+            run += 1
+        else:
+            accepted.append(run)
+            run = 0
+    return accepted
+
+
+def _finish(last: Any, accepted: list[int]) -> Run:
+    cycles = len(accepted)
+    return Run(
+        prompt_tokens=last.prompt_tokens,
+        prompt_tps=last.prompt_tps,
+        generation_tokens=last.generation_tokens,
+        generation_tps=last.generation_tps,
+        peak_memory=last.peak_memory,
+        tau=(sum(accepted) + cycles) / cycles if cycles else 1.0,
+        accepted=accepted,
+    )
+
+
+def run_target(model: nn.Module, tokenizer: Any, prompt: list[int], max_tokens: int) -> Run:
+    mx.reset_peak_memory()
+    last = None
+    for last in mlx_lm_stream_generate(model, tokenizer, mx.array(prompt), max_tokens):
+        pass
+    return _finish(last, [])
+
+
+def run_baseline(
+    model: nn.Module,
+    draft_model: nn.Module,
+    tokenizer: Any,
+    prompt: list[int],
+    max_tokens: int,
+    num_draft_tokens: int,
+) -> Run:
+    mx.reset_peak_memory()
+    flags, last = [], None
+    for last in mlx_lm_stream_generate(
+        model,
+        tokenizer,
+        mx.array(prompt),
+        max_tokens,
+        draft_model=draft_model,
+        num_draft_tokens=num_draft_tokens,
+    ):
+        flags.append(last.from_draft)
+    # The first token comes from the prefill, not from a verify forward.
+    return _finish(last, _runs_from_flags(flags[1:]))
+
+
+def run_dflash(
+    model: nn.Module,
+    draft: DraftModel,
+    tokenizer: Any,
+    prompt: list[int],
+    max_tokens: int,
+    block_size: int | None,
+) -> Run:
+    mx.reset_peak_memory()
+    per_cycle: dict[int, int] = {}
+    last = None
+    for last in dflash_stream_generate(
+        model, draft, tokenizer, mx.array(prompt), max_tokens, block_size=block_size
+    ):
+        if last.cycles:
+            per_cycle[last.cycles] = last.accepted
+    return _finish(last, [per_cycle[c] for c in sorted(per_cycle)])
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def decode_step_time(
+    model: nn.Module, prompt: list[int] | mx.array, steps: int = 32, warmup: int = 4
+) -> float:
+    """Seconds per mlx_lm decode step (generate_step, greedy) after a prefill of `prompt`."""
+    prompt = mx.array(prompt)
+    stamps = []
+    for n, _ in enumerate(generate_step(prompt, model, max_tokens=warmup + steps + 1)):
+        stamps.append(time.perf_counter())
+    stamps = stamps[warmup:]
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def production_cycle_time(
+    model: nn.Module,
+    draft: DraftModel,
+    prompt: list[int] | mx.array,
+    cycles: int = 32,
+    warmup: int = 4,
+    block_size: int | None = None,
+) -> tuple[float, float]:
+    """(seconds per cycle, tau) of the real decode loop (`dflash_cycles`), no extra syncs.
+
+    With a draft that rejects everything each cycle still drafts and verifies a full
+    block, which is what the cycle time is meant to measure.
+    """
+    from .generate import dflash_cycles
+
+    B = block_size or draft.block_size
+    stamps, emitted = [], []
+    gen = dflash_cycles(
+        model, draft, mx.array(prompt), max_tokens=(cycles + warmup + 2) * B, block_size=B
+    )
+    try:
+        for i, cycle in enumerate(gen):
+            stamps.append(time.perf_counter())
+            if i > warmup:
+                emitted.append(len(cycle.tokens))
+            if i == cycles + warmup:
+                break
+    finally:
+        gen.close()
+    stamps = stamps[warmup:]
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1), statistics.fmean(emitted)
+
+
+PHASES = ("draft", "verify", "accept_rollback")
+
+
+def instrumented_cycles(
+    model: nn.Module,
+    draft: DraftModel,
+    prompt: list[int] | mx.array,
+    block_size: int | None = None,
+    prefill_step_size: int = 2048,
+) -> Iterator[dict[str, float]]:
+    """The greedy DFlash cycle of `dflash_cycles` with a barrier after each phase.
+
+    Yields per cycle the wall time of each phase (graph building + evaluation) in
+    seconds, `host` (the graph-building and bookkeeping part of them) and `accepted`.
+    Same pieces as the production loop: draft, tap, verify_attention, greedy_accept,
+    rollback.
+    """
+    prompt = mx.array(prompt)
+    check_pair(model, draft)
+    draft.bind(model)
+    B = block_size or draft.block_size
+    cache = make_prompt_cache(model)
+    draft_cache = draft.make_cache()
+    clock = time.perf_counter
+    with (
+        tap_hidden_states(model, draft.config.target_layer_ids) as tap,
+        rollback_for(model, cache) as rollback,
+        mx.stream(generation_stream),
+    ):
+        for start in range(0, prompt.size, prefill_step_size):
+            logits = model(prompt[None, start : start + prefill_step_size], cache=cache)
+            draft.add_context(tap.features(), draft_cache)
+            mx.eval([c.state for c in cache] + [c.state for c in draft_cache])
+        token, context = mx.argmax(logits[0, -1]).item(), None
+        while True:
+            t0 = clock()
+            block = mx.array([[token] + [draft.mask_token_id] * (B - 1)])
+            hidden = draft(block, context, draft_cache)
+            drafted = mx.argmax(draft.logits(hidden[0, 1:]), axis=-1).astype(mx.int32)
+            t1 = clock()
+            mx.eval(drafted, [c.state for c in draft_cache])
+            t2 = clock()
+            verify_in = mx.concatenate([mx.array([token]), drafted])
+            with rollback.verifying(), verify_attention(model):
+                logits = model(verify_in[None], cache=cache)
+            features = tap.features()
+            logprobs = logits[0] - mx.logsumexp(logits[0], axis=-1, keepdims=True)
+            target = mx.argmax(logprobs, axis=-1)
+            t3 = clock()
+            mx.eval(target, features, [c.state for c in cache])
+            t4 = clock()
+            n_acc, nxt = greedy_accept(drafted, target)
+            t5 = clock()
+            mx.eval(n_acc, nxt)
+            t6 = clock()
+            a = n_acc.item()
+            token = nxt.item()
+            rollback(a + 1, B)
+            context = features[:, : a + 1]
+            t7 = clock()
+            mx.eval(context, [c.state for c in cache])
+            t8 = clock()
+            yield {
+                "draft": t2 - t0,
+                "verify": t4 - t2,
+                "accept_rollback": t8 - t4,
+                "host": (t1 - t0) + (t3 - t2) + (t5 - t4) + (t7 - t6),
+                "accepted": a,
+            }
+
+
+def cycle_breakdown(
+    model: nn.Module,
+    draft: DraftModel,
+    prompt: list[int] | mx.array,
+    cycles: int = 16,
+    warmup: int = 4,
+    block_size: int | None = None,
+) -> dict[str, float]:
+    """Median phase times (ms) of an instrumented cycle; `model_ms` = cycle - host."""
+    rows = []
+    gen = instrumented_cycles(model, draft, prompt, block_size=block_size)
+    try:
+        for i, row in enumerate(gen):
+            if i >= warmup:
+                rows.append(row)
+            if len(rows) == cycles:
+                break
+    finally:
+        gen.close()
+    out = {f"{k}_ms": 1e3 * statistics.median(r[k] for r in rows) for k in PHASES + ("host",)}
+    totals = [sum(r[k] for k in PHASES) for r in rows]
+    models = [sum(r[k] for k in PHASES) - r["host"] for r in rows]
+    out["cycle_ms"] = 1e3 * statistics.median(totals)
+    out["model_ms"] = 1e3 * statistics.median(models)
+    out["block_size"] = block_size or draft.block_size
+    return out
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+def load_prompts(suites: list[str], path: str | None = None) -> list[tuple[str, Any]]:
+    """[(suite, prompt)]: a prompt is a string or a list of chat messages.
+
+    A jsonl file has one object per line: {"prompt": str} or {"messages": [...]}, with
+    an optional "suite" (default "custom").
+    """
+    if path is not None:
+        out = []
+        for i, line in enumerate(Path(path).read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i + 1}: not valid JSON: {e}") from e
+            prompt = row.get("messages") or row.get("prompt") or row.get("text")
+            if not prompt:
+                raise ValueError(f"{path}:{i + 1}: needs 'prompt' or 'messages'")
+            out.append((str(row.get("suite", "custom")), prompt))
+        if not out:
+            raise ValueError(f"{path} holds no prompts")
+        return out
+    unknown = set(suites) - set(PROMPTS)
+    if unknown:
+        raise ValueError(f"unknown suite(s) {sorted(unknown)}; choose from {sorted(PROMPTS)}")
+    return [(s, p) for s in suites for p in PROMPTS[s]]
+
+
+def encode(tokenizer: TokenizerWrapper, prompt: Any, chat_template: bool = True) -> list[int]:
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    if chat_template and tokenizer.has_chat_template:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    text = "\n".join(m["content"] for m in messages)
+    return list(tokenizer.encode(text))
+
+
+def pad_to_context(tokenizer: TokenizerWrapper, ids: list[int], n: int) -> list[int]:
+    """`ids` with filler tokens put in front (after a BOS) so that it is n tokens long."""
+    need = n - len(ids)
+    if need <= 0:
+        return ids
+    unit = list(tokenizer.encode(FILLER, add_special_tokens=False)) or [0]
+    filler = (unit * (need // len(unit) + 1))[:need]
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids and ids[0] == bos:
+        return [bos] + filler + ids[1:]
+    return filler + ids
+
+
+def parse_contexts(text: str | None) -> list[int | None]:
+    """'1k,4096,16k' -> [1024, 4096, 16384]; None -> [None] (prompts as they are)."""
+    if not text:
+        return [None]
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
+        except ValueError:
+            raise ValueError(f"--context: '{part}' is not a token count") from None
+    if any(n < 1 for n in out):
+        raise ValueError("--context values must be positive")
+    return out
+
+
+# ---------------------------------------------------------------------------- harness
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def benchmark(
+    model: nn.Module,
+    tokenizer: Any,
+    draft: DraftModel,
+    prompts: list[tuple[str, Any]],
+    *,
+    baseline_draft: nn.Module | None = None,
+    num_draft_tokens: int = 3,
+    max_tokens: int = 128,
+    repeats: int = 3,
+    warmup: int = 1,
+    contexts: list[int | None] = (None,),
+    block_size: int | None = None,
+    breakdown: bool = True,
+    breakdown_cycles: int = 16,
+    chat_template: bool = True,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """Run every method on every prompt at every context; return the JSON-able result."""
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    B = block_size or draft.block_size
+    encoded = [(suite, encode(tokenizer, p, chat_template)) for suite, p in prompts]
+    methods = ["target"] + (["baseline"] if baseline_draft is not None else []) + ["dflash"]
+    runners = {
+        "target": lambda ids: run_target(model, tokenizer, ids, max_tokens),
+        "baseline": lambda ids: run_baseline(
+            model, baseline_draft, tokenizer, ids, max_tokens, num_draft_tokens
+        ),
+        "dflash": lambda ids: run_dflash(model, draft, tokenizer, ids, max_tokens, B),
+    }
+    result: dict[str, Any] = {
+        "settings": {
+            "max_tokens": max_tokens,
+            "repeats": repeats,
+            "warmup": warmup,
+            "block_size": B,
+            "num_draft_tokens": num_draft_tokens if baseline_draft is not None else None,
+            "methods": methods,
+            "contexts": list(contexts),
+            "device": str(mx.default_device()),
+            "mlx": mx.__version__,
+        },
+        "contexts": [],
+    }
+    for ctx in contexts:
+        items = [(s, pad_to_context(tokenizer, ids, ctx) if ctx else ids) for s, ids in encoded]
+        for method in methods:  # warm-up: compile kernels, size buffers
+            for _ in range(warmup):
+                runners[method](items[0][1])
+        per_prompt = []
+        for i, (suite, ids) in enumerate(items):
+            row: dict[str, Any] = {"suite": suite, "prompt_tokens": len(ids)}
+            for method in methods:
+                runs = [runners[method](ids) for _ in range(repeats)]
+                row[method] = {
+                    "prompt_tps": _median([r.prompt_tps for r in runs]),
+                    "generation_tps": _median([r.generation_tps for r in runs]),
+                    "generation_tokens": runs[-1].generation_tokens,
+                    "peak_memory_gb": max(r.peak_memory for r in runs),
+                    "tau": runs[-1].tau,
+                    "accepted": runs[-1].accepted,
+                }
+                if method != "target":
+                    base = row["target"]["generation_tps"]
+                    row[method]["speedup"] = row[method]["generation_tps"] / base if base else 0
+            per_prompt.append(row)
+            log(
+                f"ctx={ctx or len(ids)} {suite} #{i}: "
+                + "  ".join(f"{m} {row[m]['generation_tps']:.1f} tok/s" for m in methods)
+                + f"  tau {row['dflash']['tau']:.2f}"
+            )
+        entry: dict[str, Any] = {"context": ctx, "suites": {}, "prompts": per_prompt}
+        if breakdown:
+            probe = items[0][1]
+            bd = cycle_breakdown(model, draft, probe, cycles=breakdown_cycles, block_size=B)
+            bd["ar_step_ms"] = 1e3 * decode_step_time(model, probe)
+            bd["cycle_over_ar"] = bd["cycle_ms"] / bd["ar_step_ms"]
+            entry["breakdown"] = bd
+        for suite in dict.fromkeys(s for s, _ in items):
+            rows = [r for r in per_prompt if r["suite"] == suite]
+            summary: dict[str, Any] = {}
+            for method in methods:
+                accepted = [a for r in rows for a in r[method]["accepted"]]
+                m = {
+                    "prompt_tps": _median([r[method]["prompt_tps"] for r in rows]),
+                    "generation_tps": _median([r[method]["generation_tps"] for r in rows]),
+                    "peak_memory_gb": max(r[method]["peak_memory_gb"] for r in rows),
+                    "prompt_tokens": _median([r["prompt_tokens"] for r in rows]),
+                }
+                if method != "target":
+                    m["speedup"] = _median([r[method]["speedup"] for r in rows])
+                    m["tau"] = (sum(accepted) + len(accepted)) / len(accepted) if accepted else 1
+                    width = B if method == "dflash" else num_draft_tokens + 1
+                    m["acceptance_by_position"] = acceptance_by_position(accepted, width)
+                summary[method] = m
+            if breakdown:
+                d = summary["dflash"]
+                bd = entry["breakdown"]
+                ideal = d["tau"] * bd["ar_step_ms"] / bd["model_ms"]
+                d["ideal_speedup"] = ideal
+                d["efficiency"] = d["speedup"] / ideal if ideal else 0.0
+            entry["suites"][suite] = summary
+        result["contexts"].append(entry)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = []
+    methods = result["settings"]["methods"]
+    head = f"{'context':>8} {'suite':<8} {'method':<9} {'prompt t/s':>10} {'gen t/s':>9} "
+    head += f"{'speedup':>8} {'tau':>6} {'peak GB':>8} {'eff':>5}"
+    lines.append(head)
+    for entry in result["contexts"]:
+        for suite, summary in entry["suites"].items():
+            for method in methods:
+                m = summary[method]
+                ctx = entry["context"] or int(m["prompt_tokens"])
+                lines.append(
+                    f"{ctx:>8} {suite:<8} {method:<9} {m['prompt_tps']:>10.1f} "
+                    f"{m['generation_tps']:>9.1f} {m.get('speedup', 1.0):>8.2f} "
+                    f"{m.get('tau', 1.0):>6.2f} {m['peak_memory_gb']:>8.2f} "
+                    + (f"{m['efficiency']:>5.2f}" if "efficiency" in m else f"{'':>5}")
+                )
+        if "breakdown" in entry:
+            b = entry["breakdown"]
+            lines.append(
+                f"  cycle (block {b['block_size']}): draft {b['draft_ms']:.2f} ms, verify "
+                f"{b['verify_ms']:.2f} ms, accept+rollback {b['accept_rollback_ms']:.2f} ms, of "
+                f"which host {b['host_ms']:.2f} ms; cycle {b['cycle_ms']:.2f} ms = "
+                f"{b['cycle_over_ar']:.2f} x AR step {b['ar_step_ms']:.2f} ms"
+            )
+        suite0 = next(iter(entry["suites"].values()))
+        acc = suite0["dflash"]["acceptance_by_position"]
+        lines.append("  dflash acceptance by position: " + " ".join(f"{a:.2f}" for a in acc))
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """Acceptance by block position (per suite) and generation tok/s vs context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    first = result["contexts"][0]
+    for suite, summary in first["suites"].items():
+        acc = summary["dflash"]["acceptance_by_position"]
+        ax1.plot(range(1, len(acc) + 1), acc, marker="o", label=suite)
+    ax1.set(xlabel="block position", ylabel="acceptance rate", title="DFlash acceptance")
+    ax1.set_ylim(0, 1.05)
+    ax1.legend()
+    xs = [e["context"] or statistics.median(r["prompt_tokens"] for r in e["prompts"])
+          for e in result["contexts"]]
+    for method in result["settings"]["methods"]:
+        ys = [
+            statistics.median(r[method]["generation_tps"] for r in e["prompts"])
+            for e in result["contexts"]
+        ]
+        ax2.plot(xs, ys, marker="o", label=method)
+    ax2.set(xlabel="context (tokens)", ylabel="generation tok/s", title="Speed vs context")
+    if len(xs) > 1:
+        ax2.set_xscale("log", base=2)
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dflash-mlx benchmark",
+        description="Benchmark DFlash against the target alone and mlx_lm speculative decoding.",
+    )
+    p.add_argument("--model", help="target: path or Hub id (default: the demo target)")
+    p.add_argument("--draft-model", help="DFlash draft: path or Hub id (default: demo draft)")
+    p.add_argument("--baseline-draft-model", help="mlx_lm draft model for the baseline run")
+    p.add_argument("--num-draft-tokens", type=int, default=3, help="baseline draft tokens")
+    p.add_argument(
+        "--suite", default="math,code,chat", help="built-in prompt sets: math, code, chat"
+    )
+    p.add_argument("--prompts", help="jsonl file of prompts (replaces --suite)")
+    p.add_argument("--max-prompts", type=int, default=None, help="at most this many per suite")
+    p.add_argument("--max-tokens", "-m", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--block-size", type=int, default=None, help="default: the draft's")
+    p.add_argument("--context", default=None, help="pad prompts to these lengths: 1024,4k,16k")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the cycle breakdown")
+    p.add_argument("--breakdown-cycles", type=int, default=16)
+    p.add_argument("--ignore-chat-template", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--json", nargs="?", const="-", default=None, help="write JSON to a file ('-': stdout)"
+    )
+    p.add_argument("--plot", default=None, help="write a PNG (needs matplotlib: the plot extra)")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be positive, got {args.repeats}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.block_size is not None and not 1 <= args.block_size <= 64:
+        raise ValueError(f"--block-size must be in 1…64, got {args.block_size}")
+    if args.num_draft_tokens < 1:
+        raise ValueError(f"--num-draft-tokens must be positive, got {args.num_draft_tokens}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    try:
+        _check_args(args)
+        if args.plot is not None:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise ValueError(
+                    "--plot needs matplotlib: pip install 'dflash-mlx[plot]' (or matplotlib)"
+                ) from None
+        contexts = parse_contexts(args.context)
+        prompts = load_prompts([s.strip() for s in args.suite.split(",")], args.prompts)
+        if args.max_prompts:
+            kept: dict[str, int] = {}
+            prompts = [
+                (s, p)
+                for s, p in prompts
+                if (kept.__setitem__(s, kept.get(s, 0) + 1) or kept[s]) <= args.max_prompts
+            ]
+        if (args.model is None or args.draft_model is None) and not (DEMO_DIR / "target").exists():
+            raise ValueError("give --model and --draft-model (the demo pair is not installed)")
+        from mlx_lm import load as mlx_lm_load
+
+        from .loading import load_draft
+
+        mx.random.seed(args.seed)
+        model, tokenizer = mlx_lm_load(args.model or str(DEMO_DIR / "target"))
+        draft = load_draft(args.draft_model or str(DEMO_DIR / "draft"))
+        baseline = None
+        if args.baseline_draft_model:
+            baseline, _ = mlx_lm_load(args.baseline_draft_model)
+        result = benchmark(
+            model,
+            tokenizer,
+            draft,
+            prompts,
+            baseline_draft=baseline,
+            num_draft_tokens=args.num_draft_tokens,
+            max_tokens=args.max_tokens,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            contexts=contexts,
+            block_size=args.block_size,
+            breakdown=not args.no_breakdown,
+            breakdown_cycles=args.breakdown_cycles,
+            chat_template=not args.ignore_chat_template,
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+        )
+        result["settings"]["model"] = args.model or str(DEMO_DIR / "target")
+        result["settings"]["draft_model"] = args.draft_model or str(DEMO_DIR / "draft")
+        result["settings"]["baseline_draft_model"] = args.baseline_draft_model
+        table = format_table(result)
+        if args.json == "-":
+            print(table, file=sys.stderr)
+            print(json.dumps(result, indent=1))
+        else:
+            print(table)
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=1))
+        if args.plot:
+            plot(result, args.plot)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
