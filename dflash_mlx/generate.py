@@ -164,6 +164,7 @@ def dflash_cycles(
                     )
                     drafted = mx.random.categorical(draft_dist)
                 verify_in = mx.concatenate([mx.array([token]), drafted.astype(mx.int32)])
+                mx.async_eval(verify_in)  # the device drafts while the host builds verify
             else:
                 drafted = mx.array([], dtype=mx.int32)
                 verify_in = mx.array([token])

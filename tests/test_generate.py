@@ -186,7 +186,7 @@ def test_speculative_sampling_reproduces_target_distribution(session_dir):
 
     from dflash_mlx.config import DraftConfig
 
-    V, temp = 8, 1.0
+    V, temp = 4, 1.0
     mx.random.seed(3)
     model = qwen3.Model(qwen3.ModelArgs(
         model_type="qwen3", hidden_size=32, num_hidden_layers=4, intermediate_size=64,
@@ -216,7 +216,7 @@ def test_speculative_sampling_reproduces_target_distribution(session_dir):
 
     from dflash_mlx.sampling import SamplingParams
 
-    n = 3000
+    n = 800
     mx.random.seed(11)
     counts = Counter()
     for _ in range(n):
@@ -229,10 +229,12 @@ def test_speculative_sampling_reproduces_target_distribution(session_dir):
     exp = [expected[i] for i in big] + [n - sum(expected[i] for i in big)]
     chi2 = sum((o - e) ** 2 / e for o, e in zip(obs, exp) if e > 0)
     df = len(obs) - 1
-    # Wilson-Hilferty 99.9% quantile of chi-square(df).
-    z = 3.09
-    critical = df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
-    assert chi2 < critical, (chi2, critical, df)
+    assert chi2 < chi2_critical(df), (chi2, df)
+
+
+def chi2_critical(df, z=3.09):
+    """Wilson-Hilferty approximation of the 99.9% quantile of chi-square(df)."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
 
 
 def run_cli(*args, stdin=None):
@@ -264,14 +266,23 @@ def test_cli_end_to_end(pairs):
         (["--draft-model", "/nonexistent/draft"], "no such directory"),
     ],
 )
-def test_cli_bad_arguments(pairs, args, message):
+def test_cli_bad_arguments(pairs, capsys, args, message):
+    from dflash_mlx.generate import main
+
     target_dir, draft_dir = pairs("qwen3")
     base = {"--model": str(target_dir), "--draft-model": str(draft_dir)}
     for flag, value in zip(args[::2], args[1::2]):
         base[flag] = value
-    result = run_cli(*[x for kv in base.items() for x in kv], "-p", "hi")
-    assert result.returncode != 0
-    assert message in result.stderr
+    assert main([*[x for kv in base.items() for x in kv], "-p", "hi"]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_cli_bad_argument_exits_nonzero(pairs):
+    target_dir, _ = pairs("qwen3")
+    result = run_cli("--model", str(target_dir), "--draft-model", "/nonexistent", "-p", "hi")
+    assert result.returncode == 1 and "no such directory" in result.stderr
+    result = run_cli("--max-tokens", "lots")
+    assert result.returncode == 2 and "invalid int value" in result.stderr
 
 
 def test_logits_processors_match_mlx_lm(pairs):
