@@ -19,6 +19,7 @@ what is missing from efficiency is host overhead (Python, graph building, syncs)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -31,7 +32,7 @@ from typing import Any
 import mlx.core as mx
 from mlx import nn
 from mlx_lm import stream_generate as mlx_lm_stream_generate
-from mlx_lm.generate import generate_step, generation_stream
+from mlx_lm.generate import generate_step, generation_stream, wired_limit
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -45,22 +46,30 @@ from .tap import tap_hidden_states
 
 PROMPTS: dict[str, list[str]] = {
     "math": [
-        "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
-        "clips in May. How many clips did Natalia sell altogether in April and May? "
-        "Reason step by step.",
-        "A train travels 120 km in 1.5 hours and then 80 km in 1 hour. What is its average "
-        "speed for the whole trip? Show your work.",
+        (
+            "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+            "clips in May. How many clips did Natalia sell altogether in April and May? "
+            "Reason step by step."
+        ),
+        (
+            "A train travels 120 km in 1.5 hours and then 80 km in 1 hour. What is its average "
+            "speed for the whole trip? Show your work."
+        ),
         "Solve for x: 3x + 7 = 2x - 5. Explain each step.",
         "What is the sum of the first 50 positive even integers? Explain how you get it.",
-        "A rectangle has a perimeter of 36 cm and its length is twice its width. Find its "
-        "area, step by step.",
+        (
+            "A rectangle has a perimeter of 36 cm and its length is twice its width. Find its "
+            "area, step by step."
+        ),
     ],
     "code": [
-        "Write a Python function `is_palindrome(s: str) -> bool` that ignores case and "
-        "non-alphanumeric characters, with a docstring and two examples.",
+        (
+            "Write a Python function `is_palindrome(s: str) -> bool` that ignores case and "
+            "non-alphanumeric characters, with a docstring and two examples."
+        ),
         "Implement binary search over a sorted list in Python and explain its complexity.",
         "Write a Python class `LRUCache` with `get` and `put` methods running in O(1).",
-        "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number iteratively.\"\"\"\n",
+        'def fibonacci(n):\n    """Return the n-th Fibonacci number iteratively."""\n',
         "Write a function that merges two sorted lists into one sorted list, then test it.",
     ],
     "chat": [
@@ -223,6 +232,8 @@ def production_cycle_time(
     finally:
         gen.close()
     stamps = stamps[warmup:]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    production_cycle_time.last_gaps = gaps  # per-cycle times, for diagnosis
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1), statistics.fmean(emitted)
 
 
@@ -235,14 +246,17 @@ def instrumented_cycles(
     prompt: list[int] | mx.array,
     block_size: int | None = None,
     prefill_step_size: int = 2048,
+    barriers: bool = True,
 ) -> Iterator[dict[str, float]]:
     """The greedy DFlash cycle of `dflash_cycles` with a barrier after each phase.
 
     Yields per cycle the wall time of each phase (graph building + evaluation) in
     seconds, `host` (the graph-building and bookkeeping part of them) and `accepted`.
     Same pieces as the production loop: draft, tap, verify_attention, greedy_accept,
-    rollback.
+    rollback. barriers=False evaluates once per cycle, as the production loop does (then
+    only `accept_rollback` and the total are meaningful).
     """
+    sync = mx.eval if barriers else (lambda *a: None)
     prompt = mx.array(prompt)
     check_pair(model, draft)
     draft.bind(model)
@@ -251,12 +265,15 @@ def instrumented_cycles(
     draft_cache = draft.make_cache()
     clock = time.perf_counter
     with (
+        wired_limit(model, [generation_stream]),
         tap_hidden_states(model, draft.config.target_layer_ids) as tap,
         rollback_for(model, cache) as rollback,
         mx.stream(generation_stream),
     ):
-        for start in range(0, prompt.size, prefill_step_size):
-            logits = model(prompt[None, start : start + prefill_step_size], cache=cache)
+        head = prompt[:-1]
+        chunks = [head[i : i + prefill_step_size] for i in range(0, head.size, prefill_step_size)]
+        for chunk in [*chunks, prompt[-1:]]:
+            logits = model(chunk[None], cache=cache)
             draft.add_context(tap.features(), draft_cache)
             mx.eval([c.state for c in cache] + [c.state for c in draft_cache])
         token, context = mx.argmax(logits[0, -1]).item(), None
@@ -266,7 +283,7 @@ def instrumented_cycles(
             hidden = draft(block, context, draft_cache)
             drafted = mx.argmax(draft.logits(hidden[0, 1:]), axis=-1).astype(mx.int32)
             t1 = clock()
-            mx.eval(drafted, [c.state for c in draft_cache])
+            sync(drafted, [c.state for c in draft_cache])
             t2 = clock()
             verify_in = mx.concatenate([mx.array([token]), drafted])
             with rollback.verifying(), verify_attention(model):
@@ -275,7 +292,7 @@ def instrumented_cycles(
             logprobs = logits[0] - mx.logsumexp(logits[0], axis=-1, keepdims=True)
             target = mx.argmax(logprobs, axis=-1)
             t3 = clock()
-            mx.eval(target, features, [c.state for c in cache])
+            sync(target, features, [c.state for c in cache])
             t4 = clock()
             n_acc, nxt = greedy_accept(drafted, target)
             t5 = clock()
@@ -286,7 +303,7 @@ def instrumented_cycles(
             rollback(a + 1, B)
             context = features[:, : a + 1]
             t7 = clock()
-            mx.eval(context, [c.state for c in cache])
+            sync(context, [c.state for c in cache])
             t8 = clock()
             yield {
                 "draft": t2 - t0,
@@ -554,8 +571,10 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax1.set(xlabel="block position", ylabel="acceptance rate", title="DFlash acceptance")
     ax1.set_ylim(0, 1.05)
     ax1.legend()
-    xs = [e["context"] or statistics.median(r["prompt_tokens"] for r in e["prompts"])
-          for e in result["contexts"]]
+    xs = [
+        e["context"] or statistics.median(r["prompt_tokens"] for r in e["prompts"])
+        for e in result["contexts"]
+    ]
     for method in result["settings"]["methods"]:
         ys = [
             statistics.median(r[method]["generation_tps"] for r in e["prompts"])
