@@ -339,7 +339,7 @@ def format_histogram(counts: Counter) -> str:
 
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "examples" / "demo"
-DEFAULT_PROMPT = "def fibonacci(n):"
+DEFAULT_PROMPT = "    def __repr__(self):\\n"
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,214 @@
+"""The draft training recipe: block mask, packed forward, loss, checkpoints (tiny models)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx import nn
+from mlx.utils import tree_flatten
+
+from dflash_mlx import load_draft
+from dflash_mlx.config import DraftConfig
+from dflash_mlx.drafter import DraftModel
+from dflash_mlx.train import block_loss, block_mask, main, packed_forward, position_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+H, VOCAB, N_TAPS = 32, 64, 2
+
+
+def tiny_draft(block_size=4, layer_types=None, window=None, seed=0) -> DraftModel:
+    raw = {
+        "architectures": ["DFlashDraftModel"],
+        "block_size": block_size,
+        "dflash_config": {"mask_token_id": VOCAB - 1, "target_layer_ids": [0, 1]},
+        "num_target_layers": 3,
+        "hidden_size": H,
+        "intermediate_size": 2 * H,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "vocab_size": VOCAB,
+        "rope_theta": 10000.0,
+    }
+    if layer_types:
+        raw["layer_types"] = layer_types
+        raw["sliding_window"] = window
+    mx.random.seed(seed)
+    draft = DraftModel(DraftConfig.from_dict(raw))
+    embed = nn.Embedding(VOCAB, H)
+    draft.bind_head(embed, embed.as_linear)
+    mx.eval(draft.parameters(), embed.parameters())
+    return draft
+
+
+def test_block_mask_sees_only_own_block_and_earlier_context():
+    B, S = 4, 12
+    anchors = mx.array([[0, 5, 3], [11, 2, 7]])
+    mask = np.array(block_mask(anchors, B, S))[:, 0]
+    m = anchors.shape[1]
+    for n in range(anchors.shape[0]):
+        for j in range(m):
+            a = int(anchors[n, j])
+            for i in range(B):
+                row = mask[n, j * B + i]
+                # context: strictly before the anchor, nothing at or after it
+                assert row[:S].tolist() == [c < a for c in range(S)]
+                # blocks: all of its own (bidirectional), none of any other
+                for j2 in range(m):
+                    seen = row[S + j2 * B : S + (j2 + 1) * B]
+                    assert seen.all() if j2 == j else not seen.any()
+
+
+def test_sliding_block_mask_is_causal_within_window():
+    B, S, W = 4, 10, 3
+    anchors = mx.array([[6, 2]])
+    mask = np.array(block_mask(anchors, B, S, causal=True, window=W))[0, 0]
+    for j, a in enumerate([6, 2]):
+        for i in range(B):
+            p = a + i
+            row = mask[j * B + i]
+            assert row[:S].tolist() == [c < a and p - W < c for c in range(S)]
+            own = row[S + j * B : S + (j + 1) * B]
+            assert own.tolist() == [p - W < a + k <= p for k in range(B)]
+            other = row[S + (1 - j) * B : S + (2 - j) * B]
+            assert not other.any()
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+def test_packed_forward_equals_inference_forward(sliding):
+    B, S = 4, 14
+    layer_types = ["sliding_attention", "full_attention"] if sliding else None
+    draft = tiny_draft(B, layer_types, window=5 if sliding else None)
+    mx.random.seed(1)
+    context = mx.random.normal((1, S, N_TAPS * H))
+    tokens = mx.random.randint(0, VOCAB - 1, (1, S + B))
+    anchor_list = [0, 9, 3, 13]
+    anchors = mx.array([anchor_list])
+    ids = [[int(tokens[0, a])] + [draft.mask_token_id] * (B - 1) for a in anchor_list]
+    embeds = draft.embed(mx.array([[t for block in ids for t in block]]))
+    packed = packed_forward(draft, embeds, context, anchors)
+    for j, a in enumerate(anchor_list):
+        # Inference: a fresh cache holding the context before the anchor, then the block.
+        ref = draft(mx.array([ids[j]]), context[:, :a])
+        got = packed[:, j * B : (j + 1) * B]
+        assert mx.allclose(got, ref, atol=1e-5, rtol=1e-4).item(), (j, a)
+
+
+def test_position_weights_follow_paper():
+    w = np.array(position_weights(16, 7.0))
+    assert w.shape == (15,)
+    assert np.allclose(w, np.exp(-np.arange(15) / 7.0))
+
+
+def test_few_steps_reduce_loss():
+    B, T, m = 4, 24, 4
+    draft = tiny_draft(B)
+    mx.random.seed(2)
+    # A learnable pattern: the token sequence repeats with period 5.
+    base = mx.random.randint(0, VOCAB - 1, (5,))
+    tokens = mx.tile(base, (2, T // 5 + 1))[:, :T]
+    context = mx.random.normal((2, T, N_TAPS * H))
+    anchors = mx.array([[2, 7, 11, 15], [4, 9, 13, 18]])
+    lengths = mx.array([T, T])
+    valid = mx.ones((2, m))
+    weights = position_weights(B, 4.0)
+
+    def loss_fn(model):
+        return block_loss(model, tokens, lengths, context, anchors, valid, weights)
+
+    opt = optim.AdamW(3e-3)
+    vg = nn.value_and_grad(draft, loss_fn)
+    losses = []
+    for _ in range(15):
+        (loss, _, _), grads = vg(draft)
+        opt.update(draft, grads)
+        mx.eval(draft.parameters(), opt.state)
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def _tiny_target(path: Path) -> Path:
+    """A random 3-layer Qwen3 target with a word-level tokenizer that has a mask token."""
+    from mlx_lm.models import qwen3
+    from mlx_lm.utils import save_config, save_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<|endoftext|>", "<|mask|>"] + [f"w{i}" for i in range(VOCAB - 2)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    config = {
+        "model_type": "qwen3",
+        "architectures": ["Qwen3ForCausalLM"],
+        "hidden_size": H,
+        "num_hidden_layers": 3,
+        "intermediate_size": 2 * H,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 512,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "eos_token_id": 0,
+    }
+    mx.random.seed(3)
+    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(path, model)
+    save_config(config, path / "config.json")
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"})
+    )
+    return path
+
+
+def test_train_cli_checkpoint_resume_and_convert(tmp_path):
+    target = _tiny_target(tmp_path / "target")
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.jsonl"
+    with open(data, "w") as f:
+        for _ in range(8):
+            f.write(json.dumps({"prompt": " ".join(f"w{i}" for i in rng.integers(2, 60, 6))}))
+            f.write("\n")
+        f.write(json.dumps({"text": " ".join(f"w{i}" for i in range(2, 40))}) + "\n")
+    out = tmp_path / "draft"
+    common = [
+        "--model", str(target), "--data", str(data), "--out", str(out),
+        "--block-size", "4", "--num-layers", "1", "--target-layer-ids", "0,2",
+        "--gen-max-tokens", "16", "--seq-len", "32", "--batch-size", "4",
+        "--blocks-per-seq", "3", "--save-every", "4", "--no-progress",
+    ]  # fmt: skip
+    assert main(common + ["--steps", "4"]) == 0
+    state = json.loads((out / "train_state" / "state.json").read_text())
+    assert state["step"] == 4
+    assert main(common + ["--steps", "6", "--resume", "--eval-data", str(data),
+                          "--eval-max-tokens", "8", "--eval-limit", "2"]) == 0  # fmt: skip
+    result = json.loads((out / "train_result.json").read_text())
+    assert json.loads((out / "train_state" / "state.json").read_text())["step"] == 6
+    assert result["eval"]["tau"] >= 1.0
+    assert len(result["eval"]["per_position_acceptance"]) == 3
+
+    # The checkpoint is in the published layout: load_draft reads it and convert.py too.
+    saved = mx.load(str(out / "model.safetensors"))
+    assert not any(k.startswith(("model.", "embed_tokens", "lm_head")) for k in saved)
+    assert "fc.weight" in saved and "layers.0.self_attn.q_proj.weight" in saved
+    draft = load_draft(out)
+    assert draft.config.block_size == 4 and draft.config.target_layer_ids == [0, 2]
+    conv = tmp_path / "converted"
+    subprocess.run(
+        [sys.executable, str(ROOT / "convert.py"), "--hf-path", str(out), "--mlx-path", str(conv)],
+        check=True,
+        cwd=ROOT,
+    )
+    round_trip = dict(tree_flatten(load_draft(conv).parameters()))
+    for k, v in tree_flatten(draft.parameters()):
+        assert mx.array_equal(round_trip[k], v).item(), k
