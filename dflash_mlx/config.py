@@ -176,9 +176,9 @@ def _normalise_rope_scaling(scaling: dict | None) -> dict | None:
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     scaling.pop("rope_type", None)
     scaling["type"] = kind
-    if kind == "default" and set(scaling) <= {"type", "partial_rotary_factor"}:
-        if scaling.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ConfigError("draft config: partial rotary embeddings are not supported")
+    if scaling.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError("draft config: partial rotary embeddings are not supported")
+    if kind == "default" and set(scaling) == {"type"}:
         return None
     if kind not in ("default", "linear", "llama3", "yarn", "dynamic"):
         raise ConfigError(f"draft config 'rope_scaling' type '{kind}' is not supported")

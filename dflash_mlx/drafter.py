@@ -12,10 +12,10 @@ from collections.abc import Callable
 import mlx.core as mx
 from mlx import nn
 from mlx_lm.models.cache import KVCache
-from mlx_lm.models.rope_utils import initialize_rope
 
 from .config import DraftConfig
 from .kernels import block_attention
+from .rope import make_rope
 
 
 class Attention(nn.Module):
@@ -105,13 +105,7 @@ class DraftModel(nn.Module):
             DecoderLayer(config, kind == "sliding_attention") for kind in config.layer_types
         ]
         self.norm = nn.RMSNorm(H, eps=config.rms_norm_eps)
-        self.rope = initialize_rope(
-            config.head_dim,
-            base=config.rope_theta,
-            traditional=False,
-            scaling_config=config.rope_scaling,
-            max_position_embeddings=config.max_position_embeddings,
-        )
+        self.rope = make_rope(config)
         # Bound from the target by `bind`; kept off the parameter tree.
         object.__setattr__(self, "_embed", None)
         object.__setattr__(self, "_lm_head", None)

@@ -71,6 +71,8 @@ def test_config_variants():
         ({"layer_types": ["full_attention"] * 3}, "layer_types"),
         ({"rope_theta": None}, "rope_theta"),
         ({"rope_scaling": {"rope_type": "yarn"}}, "factor"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "partial_rotary_factor": 0.5}},
+         "partial rotary"),
         ({"architectures": ["LlamaForCausalLM"]}, "not a DFlash"),
     ],
 )

@@ -1,0 +1,10 @@
+"""PyTorch reference for DFlash, independent of dflash_mlx and of MLX.
+
+`model`: the draft model read from a published HF checkpoint; `decode`: the greedy
+speculative loop over a `transformers` target; `checkpoints`: tiny random drafts in the
+published format.
+"""
+
+from .model import DraftCache, ReferenceDraft, load_reference, target_layer_ids
+
+__all__ = ["DraftCache", "ReferenceDraft", "load_reference", "target_layer_ids"]
