@@ -37,7 +37,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .drafter import DraftModel
-from .generate import DEMO_DIR, check_pair
+from .generate import DEMO_DIR, check_pair, prefill
 from .generate import stream_generate as dflash_stream_generate
 from .kernels import verify_attention
 from .rollback import rollback_for
@@ -270,13 +270,8 @@ def instrumented_cycles(
         rollback_for(model, cache) as rollback,
         mx.stream(generation_stream),
     ):
-        head = prompt[:-1]
-        chunks = [head[i : i + prefill_step_size] for i in range(0, head.size, prefill_step_size)]
-        for chunk in [*chunks, prompt[-1:]]:
-            logits = model(chunk[None], cache=cache)
-            draft.add_context(tap.features(), draft_cache)
-            mx.eval([c.state for c in cache] + [c.state for c in draft_cache])
-        token, context = mx.argmax(logits[0, -1]).item(), None
+        logits = prefill(model, draft, tap, prompt, cache, draft_cache, prefill_step_size)
+        token, context = mx.argmax(logits[0]).item(), None
         while True:
             t0 = clock()
             block = mx.array([[token] + [draft.mask_token_id] * (B - 1)])

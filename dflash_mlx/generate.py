@@ -27,7 +27,7 @@ from .drafter import DraftModel
 from .kernels import verify_attention
 from .rollback import rollback_for
 from .sampling import SamplingParams, greedy_accept, speculative_accept
-from .tap import embedding_and_head, tap_hidden_states, target_layers
+from .tap import Tap, embedding_and_head, tap_hidden_states, target_layers
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -98,6 +98,27 @@ def _process(
     return mx.concatenate(rows, axis=0)
 
 
+def prefill(
+    model: nn.Module,
+    draft: DraftModel,
+    tap: Tap,
+    prompt: mx.array,
+    cache: list[Any],
+    draft_cache: list[Any],
+    step: int,
+) -> mx.array:
+    """Run the prompt through the target in chunks, caching its tapped features in the
+    draft cache. The last token goes alone, as in mlx_lm, so no chunk computes
+    full-vocabulary logits. Returns the last position's logits [1, V]."""
+    head = prompt[:-1]
+    chunks = [head[i : i + step] for i in range(0, head.size, step)]
+    for chunk in [*chunks, prompt[-1:]]:
+        logits = model(chunk[None], cache=cache)
+        draft.add_context(tap.features(), draft_cache)
+        mx.eval([c.state for c in cache] + [c.state for c in draft_cache])
+    return logits[0, -1:]
+
+
 def dflash_cycles(
     model: nn.Module,
     draft: DraftModel,
@@ -134,15 +155,8 @@ def dflash_cycles(
         rollback_for(model, cache) as rollback,
         mx.stream(generation_stream),
     ):
-        # Prefill: the target reads the prompt in chunks (the last token alone, as mlx_lm
-        # does, so no chunk computes full-vocabulary logits); the draft caches the features.
-        head = prompt[:-1]
-        chunks = [head[i : i + prefill_step_size] for i in range(0, head.size, prefill_step_size)]
-        for chunk in [*chunks, prompt[-1:]]:
-            logits = model(chunk[None], cache=cache)
-            draft.add_context(tap.features(), draft_cache)
-            mx.eval([c.state for c in cache] + [c.state for c in draft_cache])
-        logprobs, dist = pick(logits[0, -1:], prompt[-1:])
+        logits = prefill(model, draft, tap, prompt, cache, draft_cache, prefill_step_size)
+        logprobs, dist = pick(logits, prompt[-1:])
         first = mx.argmax(dist, axis=-1) if sampling.greedy else mx.random.categorical(dist)
         token = first.item()
         yield Cycle([token], logprobs, 0)
