@@ -4,11 +4,20 @@ Query i sits at absolute key position p_i = S - Lq + i.
 - causal=True: query i sees keys at positions <= p_i (prefix + block keys up to itself).
 - causal=False: query i sees every key (bidirectional within the block).
 - window=W: additionally only keys at positions > p_i - W.
+
+`block_attention` runs one kernel source (kernels/*.h) through mx.fast.metal_kernel on
+Apple GPUs and mx.fast.cuda_kernel on NVIDIA GPUs, and mx.fast.scaled_dot_product_attention
+elsewhere. The switch DFLASH_BLOCK_ATTENTION=auto|kernel|sdpa forces either path (see
+attention.py). `verify_attention(model)` routes an mlx-lm target's verify forward
+through the kernel (see routing.py).
 """
 
-from typing import Optional
-
 import mlx.core as mx
+
+from .attention import SWITCH_ENV, kernel_attention
+from .routing import verify_attention
+
+__all__ = ["SWITCH_ENV", "block_attention", "block_mask", "verify_attention"]
 
 
 def block_mask(lq: int, s: int, causal: bool, window: int | None) -> mx.array | None:
@@ -33,14 +42,13 @@ def block_attention(
     window: int | None = None,
 ) -> mx.array:
     """queries [B, Hq, Lq, D], keys/values [B, Hkv, S, D] -> [B, Hq, Lq, D]."""
+    out = kernel_attention(queries, keys, values, scale=scale, causal=causal, window=window)
+    if out is not None:
+        return out
     lq, s = queries.shape[2], keys.shape[2]
-    mask = block_mask(lq, s, causal, window)
+    if causal and window is None:
+        # SDPA's "causal" aligns the queries to the last keys, as block attention does.
+        mask = "causal"
+    else:
+        mask = block_mask(lq, s, causal, window)
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
-
-
-# Placeholder until the routing module lands: verify runs mlx-lm's own attention.
-from contextlib import nullcontext as _nullcontext
-
-
-def verify_attention(model):
-    return _nullcontext()

@@ -1,0 +1,343 @@
+"""Block attention: the custom kernel where it runs and pays off, else MLX's SDPA.
+
+The switch: DFLASH_BLOCK_ATTENTION=auto (default) | kernel | sdpa, read at every call.
+  auto    the kernel on a GPU backend, for the shapes where it measured faster
+  kernel  the kernel wherever it is supported (A/B runs)
+  sdpa    always mx.fast.scaled_dot_product_attention
+On the CPU, for unsupported shapes, and when a kernel fails to compile or to pass its
+first-use self-check, the call falls back to SDPA with one warning per process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import cache, lru_cache
+
+import mlx.core as mx
+
+from .source import (
+    MAX_QUERIES,
+    PASS1_INPUTS,
+    PASS1_OUTPUTS,
+    PASS2_INPUTS,
+    PASS2_OUTPUTS,
+    SUPPORTED_HEAD_DIMS,
+    Plan,
+    kernel_source,
+    make_plan,
+)
+
+SWITCH_ENV = "DFLASH_BLOCK_ATTENTION"
+_MODES = ("auto", "kernel", "sdpa")
+_LOG2E = 1.4426950408889634
+_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+
+# A factory builds one kernel: (name, input_names, output_names, source, header,
+# shared_memory_bytes) -> callable with mx.fast.metal_kernel's call signature.
+KernelFactory = Callable[..., Callable]
+
+
+def mode() -> str:
+    value = os.environ.get(SWITCH_ENV, "auto").strip().lower() or "auto"
+    if value not in _MODES:
+        raise ValueError(f"{SWITCH_ENV}={value!r}: expected one of {', '.join(_MODES)}")
+    return value
+
+
+@cache
+def _mlx_factory(backend: str) -> KernelFactory:
+    def make(name, input_names, output_names, source, header, shared_memory):
+        if backend == "metal":
+            return mx.fast.metal_kernel(
+                name=name,
+                input_names=input_names,
+                output_names=output_names,
+                source=source,
+                header=header,
+                ensure_row_contiguous=False,
+            )
+        return mx.fast.cuda_kernel(
+            name=name,
+            input_names=input_names,
+            output_names=output_names,
+            source=source,
+            header=header,
+            ensure_row_contiguous=False,
+            shared_memory=shared_memory,
+        )
+
+    return make
+
+
+_override: tuple[str, KernelFactory] | None = None
+_lock = threading.Lock()
+_kernels: dict = {}
+_checked: dict = {}
+_warned = False
+
+
+@contextmanager
+def use_backend(backend: str, factory: KernelFactory) -> Iterator[None]:
+    """Run the kernel path through `factory` as if on `backend` (tests: the emulator)."""
+    global _override
+    previous = _override
+    _override = (backend, factory)
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def active_backend() -> tuple[str, KernelFactory] | None:
+    """(backend, factory) the kernel would run on now, or None (CPU)."""
+    if _override is not None:
+        return _override
+    if mx.default_device() != mx.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal", _mlx_factory("metal")
+    if mx.cuda.is_available():
+        return "cuda", _mlx_factory("cuda")
+    return None
+
+
+def _warn_once(message: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def supports(q: mx.array, k: mx.array, v: mx.array, window: int | None) -> bool:
+    """Shapes and dtypes the kernel handles."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return False
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        return False
+    B, Hq, Lq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or D not in SUPPORTED_HEAD_DIMS:
+        return False
+    Hkv, S = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv or not (1 <= Lq <= MAX_QUERIES) or S < Lq:
+        return False
+    if window is not None and window < 1:
+        return False
+    return B * Hkv <= 65535
+
+
+# Where the kernel measured faster than mx.fast.scaled_dot_product_attention, per backend:
+# {(head_dim, lq_min, lq_max): fewest keys}, read off benchmarks/results/attention_*.json
+# (benchmarks/bench_attention.py prints these entries). A backend or shape not listed
+# has no measurement yet, so auto mode keeps SDPA there; DFLASH_BLOCK_ATTENTION=kernel
+# forces the kernel for A/B runs.
+# - cuda: not yet measured (no GPU time in the session that wrote the kernel).
+# - metal: never measured (no Apple GPU available to this project).
+THRESHOLDS: dict[str, dict[tuple[int, int, int], int]] = {"cuda": {}, "metal": {}}
+
+
+def prefers_kernel(backend: str, lq: int, s: int, D: int, group: int) -> bool:
+    """Auto mode: the kernel only where it measured faster than SDPA."""
+    for (d, lq_min, lq_max), s_min in THRESHOLDS.get(backend, {}).items():
+        if d == D and lq_min <= lq <= lq_max and s >= s_min:
+            return True
+    return False
+
+
+def _kernel(backend: str, factory: KernelFactory, pass_: int, smem: int):
+    key = (backend, factory, pass_, smem)
+    with _lock:
+        kern = _kernels.get(key)
+        if kern is None:
+            header, source = kernel_source(backend, pass_)
+            names = (PASS1_INPUTS, PASS1_OUTPUTS) if pass_ == 1 else (PASS2_INPUTS, PASS2_OUTPUTS)
+            name = "dflash_block_attention" if pass_ == 1 else "dflash_block_attention_combine"
+            kern = factory(name, names[0], names[1], source, header, smem)
+            _kernels[key] = kern
+    return kern
+
+
+# The small parameter arrays repeat from call to call (one per cache length): reuse them.
+@lru_cache(maxsize=4096)
+def _int_array(values: tuple) -> mx.array:
+    a = mx.array(values, dtype=mx.int32)
+    mx.eval(a)
+    return a
+
+
+@lru_cache(maxsize=64)
+def _float_array(value: float) -> mx.array:
+    a = mx.array([value], dtype=mx.float32)
+    mx.eval(a)
+    return a
+
+
+def launch(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    plan: Plan,
+    *,
+    scale: float,
+    causal: bool,
+    window: int | None,
+    backend: str,
+    factory: KernelFactory,
+    init_value: float | None = None,
+) -> mx.array:
+    """Run the kernel (both passes when the plan splits the keys).
+
+    init_value fills the outputs first (tests poison them with NaN)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    split = plan.nsplit > 1
+    rows = B * Hq * Lq
+    params = _int_array(
+        (Lq, G, S, Hkv, plan.kv_lo, plan.split_len, plan.nsplit, int(causal), window or 0, 0)
+    )
+    fparams = _float_array(scale * _LOG2E)
+    kern = _kernel(backend, factory, 1, plan.smem_bytes)
+    outs = kern(
+        inputs=[q, k, v, params, fparams],
+        template=[
+            ("T", q.dtype),
+            ("D", D),
+            ("BN", plan.BN),
+            ("WM", plan.WM),
+            ("NBUF", plan.NBUF),
+            ("SPLIT", split),
+            ("SMEM_WORDS", plan.smem_words),
+        ],
+        grid=(plan.threads * plan.n_rb, plan.nsplit, B * Hkv),
+        threadgroup=(plan.threads, 1, 1),
+        output_shapes=[
+            (1,) if split else (B, Hq, Lq, D),
+            (rows, plan.nsplit, D) if split else (1,),
+            (rows, plan.nsplit) if split else (1,),
+        ],
+        output_dtypes=[q.dtype, mx.float32, mx.float32],
+        init_value=init_value,
+    )
+    if not split:
+        return outs[0]
+    combine = _kernel(backend, factory, 2, 0)
+    return combine(
+        inputs=[outs[1], outs[2], _int_array((rows, plan.nsplit, D))],
+        template=[("T", q.dtype)],
+        grid=(rows * D, 1, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[(B, Hq, Lq, D)],
+        output_dtypes=[q.dtype],
+        init_value=init_value,
+    )[0]
+
+
+_TOLERANCE = {mx.float32: 1e-4, mx.float16: 5e-3, mx.bfloat16: 3e-2}
+
+
+def _self_check(backend: str, factory: KernelFactory, dtype: mx.Dtype, plan: Plan) -> bool:
+    """Compile and run this plan's kernels once on random data against SDPA.
+
+    Compilation happens when the kernel first runs, so this is where a kernel that
+    does not compile (or computes garbage) is caught, once per configuration.
+    """
+    key = (backend, factory, dtype, plan.D, plan.BN, plan.WM, plan.NBUF, plan.nsplit > 1)
+    with _lock:
+        known = _checked.get(key)
+    if known is not None:
+        return known
+    split = plan.nsplit > 1
+    try:
+        lq, group = 5, 2
+        s = 2 * plan.BN + 7
+        probe = make_plan(
+            backend,
+            dtype.size,
+            1,
+            1,
+            group,
+            lq,
+            s,
+            plan.D,
+            None,
+            wm=plan.WM,
+            bn=plan.BN,
+            nbuf=plan.NBUF,
+            split_len=plan.BN if split else 4 * plan.BN,
+        )
+        if probe is None or (probe.nsplit > 1) != split or probe.BN != plan.BN:
+            raise RuntimeError("probe plan does not match")
+        keys = mx.random.split(mx.random.key(len(_checked) + 1), 3)
+        q = mx.random.normal((1, group, lq, plan.D), key=keys[0]).astype(dtype)
+        k = mx.random.normal((1, 1, s, plan.D), key=keys[1]).astype(dtype)
+        v = mx.random.normal((1, 1, s, plan.D), key=keys[2]).astype(dtype)
+        scale = plan.D**-0.5
+        out = launch(
+            q, k, v, probe, scale=scale, causal=True, window=None, backend=backend, factory=factory
+        )
+        f32 = [x.astype(mx.float32) for x in (q, k, v)]
+        ref = mx.fast.scaled_dot_product_attention(*f32, scale=scale, mask="causal")
+        err = mx.linalg.norm(out.astype(mx.float32) - ref) / mx.linalg.norm(ref)
+        err = err.item()
+        ok = math.isfinite(err) and err < _TOLERANCE[dtype]
+        reason = f"self-check error {err:.2e}"
+    except Exception as e:  # noqa: BLE001 - a compile error surfaces here, at first evaluation
+        ok, reason = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if not ok:
+        _warn_once(
+            f"dflash_mlx block-attention kernel disabled on {backend} for {dtype}, D={plan.D} "
+            f"({reason}); using mx.fast.scaled_dot_product_attention"
+        )
+    with _lock:
+        _checked[key] = ok
+    return ok
+
+
+def kernel_attention(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    *,
+    scale: float,
+    causal: bool,
+    window: int | None = None,
+) -> mx.array | None:
+    """The kernel's output, or None where the switch, backend, shape or measured
+    thresholds say to use SDPA instead."""
+    m = mode()
+    if m == "sdpa":
+        return None
+    active = active_backend()
+    if active is None:
+        if m == "kernel":
+            _warn_once(
+                f"{SWITCH_ENV}=kernel but no GPU backend (Metal or CUDA) is active; "
+                "using mx.fast.scaled_dot_product_attention"
+            )
+        return None
+    backend, factory = active
+    if not supports(queries, keys, values, window):
+        return None
+    B, Hq, Lq, D = queries.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    if m == "auto" and not prefers_kernel(backend, Lq, S, D, Hq // Hkv):
+        return None
+    plan = make_plan(backend, queries.dtype.size, B, Hkv, Hq // Hkv, Lq, S, D, window)
+    if plan is None or not _self_check(backend, factory, queries.dtype, plan):
+        return None
+    return launch(
+        queries,
+        keys,
+        values,
+        plan,
+        scale=scale,
+        causal=causal,
+        window=window,
+        backend=backend,
+        factory=factory,
+    )
