@@ -70,8 +70,20 @@ def _make_router(original):
     return scaled_dot_product_attention
 
 
+_modules_by_type: dict[type, list[ModuleType]] = {}
+
+
 def attention_modules(model: nn.Module) -> list[ModuleType]:
-    """Modules, among those defining the model's layers, that call mlx-lm's SDPA by name."""
+    """Modules, among those defining the model's layers, that call mlx-lm's SDPA by name.
+
+    Found once per model class: walking every submodule is too slow for each verify.
+    """
+    if type(model) not in _modules_by_type:
+        _modules_by_type[type(model)] = _find_attention_modules(model)
+    return _modules_by_type[type(model)]
+
+
+def _find_attention_modules(model: nn.Module) -> list[ModuleType]:
     names = {type(model).__module__} | {type(m).__module__ for m in model.modules()}
     found = []
     for name in sorted(names):
