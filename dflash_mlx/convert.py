@@ -64,16 +64,9 @@ def convert(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-    n_params = sum(v.size for k, v in params.items() if not k.endswith((".scales", ".biases")))
-    if config.quantization:
-        n_params = sum(
-            v.size * 32 // config.quantization["bits"] if v.dtype == mx.uint32 else v.size
-            for k, v in params.items()
-            if not k.endswith((".scales", ".biases"))
-        )
     return {
         "path": str(out),
-        "parameters": n_params,
+        "parameters": sum(v.size for v in weights.values()),
         "dtype": str(target_dtype).removeprefix("mlx.core."),
         "bits": config.quantization["bits"] if config.quantization else None,
         "size_mb": (out / "model.safetensors").stat().st_size / 1e6,
