@@ -107,8 +107,9 @@ def test_greedy_equals_mlx_lm_with_oracle_draft(pairs, family):
     assert set(accepted[1:]) == set(range(B))
 
 
-def test_quantized_target(pairs):
-    target_dir, draft_dir = pairs("qwen3", quantize_bits=4)
+@pytest.mark.parametrize("family, bits", [("qwen3", 4), ("qwen3_next", 8), ("gpt_oss", 4)])
+def test_quantized_target(pairs, family, bits):
+    target_dir, draft_dir = pairs(family, quantize_bits=bits)
     model, _ = mlx_lm_load(str(target_dir))
     B = 8
     expected = mlx_lm_greedy(model, PROMPT, N_TOKENS + B)
