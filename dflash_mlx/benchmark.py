@@ -7,8 +7,8 @@ Three ways to decode each prompt, greedy:
 
 Each is warmed up, repeated, and reported as the median over repeats (then over the
 prompts of a suite). Optionally the prompts are padded to fixed context lengths, and
-one DFlash cycle is broken down into its phases with an instrumented copy of the loop
-(`cycle_breakdown`): the production loop carries no timing syncs.
+one DFlash cycle is broken down into its phases (`cycle_breakdown`): the real loop run
+with a barrier after each phase through its `on_phase` hook, which costs nothing when unused.
 
 Efficiency = measured speedup / (tau * AR step time / model-math cycle time): the share
 of the speedup that the cycle's model math allows which the real loop delivers. The
@@ -32,17 +32,12 @@ from typing import Any
 import mlx.core as mx
 from mlx import nn
 from mlx_lm import stream_generate as mlx_lm_stream_generate
-from mlx_lm.generate import generate_step, generation_stream, wired_limit
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.generate import generate_step
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .drafter import DraftModel
-from .generate import DEMO_DIR, check_pair, prefill
+from .generate import DEMO_DIR, dflash_cycles
 from .generate import stream_generate as dflash_stream_generate
-from .kernels import verify_attention
-from .rollback import rollback_for
-from .sampling import greedy_accept
-from .tap import tap_hidden_states
 
 PROMPTS: dict[str, list[str]] = {
     "math": [
@@ -215,8 +210,6 @@ def production_cycle_time(
     With a draft that rejects everything each cycle still drafts and verifies a full
     block, which is what the cycle time is meant to measure.
     """
-    from .generate import dflash_cycles
-
     B = block_size or draft.block_size
     stamps, emitted = [], []
     gen = dflash_cycles(
@@ -246,67 +239,43 @@ def instrumented_cycles(
     prompt: list[int] | mx.array,
     block_size: int | None = None,
     prefill_step_size: int = 2048,
-    barriers: bool = True,
 ) -> Iterator[dict[str, float]]:
-    """The greedy DFlash cycle of `dflash_cycles` with a barrier after each phase.
+    """The real decode loop (`dflash_cycles`) with a barrier after each phase.
 
     Yields per cycle the wall time of each phase (graph building + evaluation) in
     seconds, `host` (the graph-building and bookkeeping part of them) and `accepted`.
-    Same pieces as the production loop: draft, tap, verify_attention, greedy_accept,
-    rollback. barriers=False evaluates once per cycle, as the production loop does (then
-    only `accept_rollback` and the total are meaningful).
     """
-    sync = mx.eval if barriers else (lambda *a: None)
-    prompt = mx.array(prompt)
-    check_pair(model, draft)
-    draft.bind(model)
-    B = block_size or draft.block_size
-    cache = make_prompt_cache(model)
-    draft_cache = draft.make_cache()
     clock = time.perf_counter
-    with (
-        wired_limit(model, [generation_stream]),
-        tap_hidden_states(model, draft.config.target_layer_ids) as tap,
-        rollback_for(model, cache) as rollback,
-        mx.stream(generation_stream),
-    ):
-        logits = prefill(model, draft, tap, prompt, cache, draft_cache, prefill_step_size)
-        token, context = mx.argmax(logits[0]).item(), None
-        while True:
-            t0 = clock()
-            block = mx.array([[token] + [draft.mask_token_id] * (B - 1)])
-            hidden = draft(block, context, draft_cache)
-            drafted = mx.argmax(draft.logits(hidden[0, 1:]), axis=-1).astype(mx.int32)
-            t1 = clock()
-            sync(drafted, [c.state for c in draft_cache])
-            t2 = clock()
-            verify_in = mx.concatenate([mx.array([token]), drafted])
-            with rollback.verifying(), verify_attention(model):
-                logits = model(verify_in[None], cache=cache)
-            features = tap.features()
-            logprobs = logits[0] - mx.logsumexp(logits[0], axis=-1, keepdims=True)
-            target = mx.argmax(logprobs, axis=-1)
-            t3 = clock()
-            sync(target, features, [c.state for c in cache])
-            t4 = clock()
-            n_acc, nxt = greedy_accept(drafted, target)
-            t5 = clock()
-            mx.eval(n_acc, nxt)
-            t6 = clock()
-            a = n_acc.item()
-            token = nxt.item()
-            rollback(a + 1, B)
-            context = features[:, : a + 1]
-            t7 = clock()
-            sync(context, [c.state for c in cache])
-            t8 = clock()
-            yield {
-                "draft": t2 - t0,
-                "verify": t4 - t2,
-                "accept_rollback": t8 - t4,
-                "host": (t1 - t0) + (t3 - t2) + (t5 - t4) + (t7 - t6),
-                "accepted": a,
-            }
+    row: dict[str, float] = {"host": 0.0}
+    last = clock()
+
+    def on_phase(name: str, arrays: list[mx.array]) -> None:
+        nonlocal last
+        built = clock()
+        mx.eval(arrays)
+        done = clock()
+        row[name] = done - last
+        row["host"] += built - last
+        last = clock()
+
+    B = block_size or draft.block_size
+    cycles = dflash_cycles(
+        model,
+        draft,
+        mx.array(prompt),
+        max_tokens=1 << 30,
+        block_size=B,
+        prefill_step_size=prefill_step_size,
+        on_phase=on_phase,
+    )
+    try:
+        next(cycles)  # the prefill
+        for cycle in cycles:
+            yield {**row, "accepted": cycle.accepted}
+            row = {"host": 0.0}
+            last = clock()
+    finally:
+        cycles.close()
 
 
 def cycle_breakdown(

@@ -130,8 +130,15 @@ def dflash_cycles(
     block_size: int | None = None,
     draft_window: int | None = None,
     prefill_step_size: int = 2048,
+    on_phase: Callable[[str, list[mx.array]], None] | None = None,
 ) -> Iterator[Cycle]:
-    """Yield one Cycle per target forward; the first is the prefill's token."""
+    """Yield one Cycle per target forward; the first is the prefill's token.
+
+    on_phase(name, arrays), if given, is called at the end of each phase of a cycle
+    ("draft", "verify", "accept_rollback") with the arrays that phase produced, so a
+    benchmark can evaluate and time them; the default adds no sync.
+    """
+    on_phase = on_phase or (lambda name, arrays: None)
     sampling = sampling or SamplingParams()
     check_pair(model, draft)
     draft.bind(model)
@@ -182,12 +189,14 @@ def dflash_cycles(
             else:
                 drafted = mx.array([], dtype=mx.int32)
                 verify_in = mx.array([token])
+            on_phase("draft", [verify_in])
 
             # Verify: one target forward over the whole block.
             with rollback.verifying(), verify_attention(model):
                 logits = model(verify_in[None], cache=cache)
             features = tap.features()
             logprobs, dist = pick(logits[0], verify_in)
+            on_phase("verify", [dist, features])
 
             # Accept: on device; then the cycle's one host sync.
             if bs == 1:
@@ -204,6 +213,7 @@ def dflash_cycles(
             # Roll back: caches keep the anchor and the accepted drafts.
             rollback(a + 1, bs)
             context = features[:, : a + 1]
+            on_phase("accept_rollback", [context, *(c.state for c in cache)])
             if processors:
                 history += [token] + tokens[:-1]
             token = tokens[-1]
