@@ -298,3 +298,12 @@ def test_logits_processors_match_mlx_lm(pairs):
     draft = OracleDraft(load_draft(draft_dir).config, PROMPT + expected, [None, 3, 0, 6])
     got = run_dflash(model, draft, PROMPT, 64, block_size=B, logits_processors=processors)
     assert got == expected[:64]
+
+
+def test_draft_window_keeps_output_lossless(pairs):
+    """Bounding the draft's context changes only what it proposes, never the output."""
+    target_dir, draft_dir = pairs("qwen3_5")
+    model, _ = mlx_lm_load(str(target_dir))
+    expected = mlx_lm_greedy(model, PROMPT, 48)
+    draft = load_draft(draft_dir)
+    assert run_dflash(model, draft, PROMPT, 48, draft_window=4) == expected
