@@ -138,7 +138,6 @@ def dflash_cycles(
     ("draft", "verify", "accept_rollback") with the arrays that phase produced, so a
     benchmark can evaluate and time them; the default adds no sync.
     """
-    on_phase = on_phase or (lambda name, arrays: None)
     sampling = sampling or SamplingParams()
     check_pair(model, draft)
     draft.bind(model)
@@ -189,14 +188,16 @@ def dflash_cycles(
             else:
                 drafted = mx.array([], dtype=mx.int32)
                 verify_in = mx.array([token])
-            on_phase("draft", [verify_in])
+            if on_phase:  # benchmarks only: no work on the hot path otherwise
+                on_phase("draft", [verify_in])
 
             # Verify: one target forward over the whole block.
             with rollback.verifying(), verify_attention(model):
                 logits = model(verify_in[None], cache=cache)
             features = tap.features()
             logprobs, dist = pick(logits[0], verify_in)
-            on_phase("verify", [dist, features])
+            if on_phase:
+                on_phase("verify", [dist, features])
 
             # Accept: on device; then the cycle's one host sync.
             if bs == 1:
@@ -213,7 +214,8 @@ def dflash_cycles(
             # Roll back: caches keep the anchor and the accepted drafts.
             rollback(a + 1, bs)
             context = features[:, : a + 1]
-            on_phase("accept_rollback", [context, *(c.state for c in cache)])
+            if on_phase:
+                on_phase("accept_rollback", [context, *(c.state for c in cache)])
             if processors:
                 history += [token] + tokens[:-1]
             token = tokens[-1]
