@@ -198,7 +198,8 @@ def main() -> int:
     for name, fac, kw in [
         ("default", factory, {}),
         ("plain loads", plain_loads_factory(), {}),
-        ("BN=32", factory, {"bn": 32}),
+        ("BN=64", factory, {"bn": 64}),
+        ("BN=64, split 2x coarser", factory, {"bn": 64, "split_len": base_plan.split_len * 2}),
         ("split 2x finer", factory, {"split_len": max(256, base_plan.split_len // 2)}),
         ("split 2x coarser", factory, {"split_len": base_plan.split_len * 2}),
         ("WM=2", factory, {"wm": 2}),
