@@ -1,6 +1,11 @@
 import json
+import os
 import sys
 from pathlib import Path
+
+# MLX's CUDA backend rounds fp32 matmuls to TF32 unless told not to (read once, at the
+# first matmul): the fp32 bounds here are for fp32 maths, as torch does by default.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 import mlx.core as mx
 import pytest
@@ -21,8 +26,15 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
-def write_random_draft(path: Path, target_config: dict, *, block_size: int = 8, seed: int = 0,
-                       layer_ids=None, num_layers: int = 2) -> Path:
+def write_random_draft(
+    path: Path,
+    target_config: dict,
+    *,
+    block_size: int = 8,
+    seed: int = 0,
+    layer_ids=None,
+    num_layers: int = 2,
+) -> Path:
     """A random draft in the published HF format (bf16 safetensors) matching a target."""
     from mlx.utils import tree_flatten
 

@@ -133,7 +133,9 @@ def to_bf16(a: np.ndarray) -> np.ndarray:
 
 
 def max_logit_error(W, a, b) -> float:
-    return float(np.abs(a @ W.T - b @ W.T).max())
+    """inf when either side is not finite (a NaN would vanish in Python's max())."""
+    diff = np.abs(a @ W.T - b @ W.T)
+    return float(diff.max()) if np.isfinite(diff).all() else float("inf")
 
 
 def top1(W, h) -> np.ndarray:
@@ -386,7 +388,38 @@ def dequantized_reference(hf_dir, mlx_dir) -> ReferenceDraft:
     return ref.to(DEVICE).eval()
 
 
-@pytest.mark.parametrize("style", STYLES)
+def test_mlx_cuda_quantized_matmul_64_inputs():
+    """MLX 0.32.4 on CUDA: a 4-bit matmul whose layer has 64 inputs (one group per row)
+    is wrong (fp32: off by ~100%; bf16: NaN), while 128+ inputs are right. The tiny
+    qwen3_b16/llama31 drafts (hidden 64) have such layers; real drafts (hidden >= 2560)
+    do not. Found by this suite on the H200; xfail(strict) on CUDA until MLX fixes it."""
+    errors = {}
+    for k in (64, 128):
+        w = mx.random.normal((96, k), key=mx.random.key(k))
+        wq, scales, biases = mx.quantize(w, group_size=64, bits=4)
+        x = mx.random.normal((2, 32, k), key=mx.random.key(k + 1))
+        got = mx.quantized_matmul(x, wq, scales, biases, group_size=64, bits=4)
+        with mx.stream(mx.cpu):
+            ref = x @ mx.dequantize(wq, scales, biases, group_size=64, bits=4).T
+            errors[k] = (mx.abs(got - ref).max() / mx.abs(ref).max()).item()
+    assert errors[128] <= 1e-5
+    if mx.cuda.is_available() and not errors[64] <= 1e-5:
+        pytest.xfail(f"MLX CUDA 4-bit matmul with 64 inputs: relative error {errors[64]:.2g}")
+    assert errors[64] <= 1e-5
+
+
+# The MLX CUDA bug above, hit by the styles whose draft has 64-input layers.
+_QMM_64_ON_CUDA = pytest.mark.xfail(
+    mx.cuda.is_available(),
+    reason="MLX CUDA 4-bit matmul is wrong for 64-input layers (test_mlx_cuda_quantized_matmul_64_inputs)",
+    strict=True,
+)
+
+
+@pytest.mark.parametrize(
+    "style",
+    [pytest.param(s, marks=_QMM_64_ON_CUDA) if s != "qwen35" else s for s in STYLES],
+)
 def test_q4(drafts, style):
     ref = load_reference(drafts[style]["hf"])
     W = lm_head(ref.spec.hidden_size)
