@@ -18,13 +18,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from mlx_lm import load  # noqa: E402
-from reference.decode import dflash_generate  # noqa: E402
-from reference.model import load_reference  # noqa: E402
-from transformers import Qwen3ForCausalLM  # noqa: E402
+from mlx_lm import load
+from reference.decode import dflash_generate
+from reference.model import load_reference
+from transformers import Qwen3ForCausalLM
 
-from dflash_mlx import load_draft  # noqa: E402
-from dflash_mlx.generate import dflash_cycles  # noqa: E402
+from dflash_mlx import load_draft
+from dflash_mlx.generate import dflash_cycles
 
 DEMO = ROOT / "examples" / "demo"
 

@@ -15,7 +15,7 @@ __all__ = [
     "DraftModel",
     "GenerationResponse",
     "generate",
-    "stream_generate",
     "load",
     "load_draft",
+    "stream_generate",
 ]

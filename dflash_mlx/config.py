@@ -18,7 +18,7 @@ def build_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> lis
         return [num_target_layers // 2]
     start, end = 1, num_target_layers - 3
     span = end - start
-    return [int(round(start + i * span / (num_draft_layers - 1))) for i in range(num_draft_layers)]
+    return [round(start + i * span / (num_draft_layers - 1)) for i in range(num_draft_layers)]
 
 
 @dataclass
@@ -97,12 +97,15 @@ class DraftConfig:
         if rope_params:
             rope_params = dict(rope_params)
             nested_theta = rope_params.pop("rope_theta", None)
-            if rope_theta is not None and nested_theta is not None:
-                if float(rope_theta) != float(nested_theta):
-                    raise ConfigError(
-                        f"draft config 'rope_theta' ({rope_theta}) contradicts "
-                        f"'rope_parameters.rope_theta' ({nested_theta})"
-                    )
+            if (
+                rope_theta is not None
+                and nested_theta is not None
+                and float(rope_theta) != float(nested_theta)
+            ):
+                raise ConfigError(
+                    f"draft config 'rope_theta' ({rope_theta}) contradicts "
+                    f"'rope_parameters.rope_theta' ({nested_theta})"
+                )
             rope_theta = rope_theta if rope_theta is not None else nested_theta
             if rope_scaling is None:
                 rope_scaling = rope_params

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx_lm.models.rope_utils import initialize_rope
 
 from .config import DraftConfig

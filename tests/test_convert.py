@@ -45,15 +45,26 @@ def test_config_variants():
     nested = base_config(dflash_config={"mask_token_id": 248070, "block_size": 16})
     del nested["block_size"]
     del nested["rope_theta"]
-    nested["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e7, "factor": 4.0,
-                                 "original_max_position_embeddings": 32768}
+    nested["rope_parameters"] = {
+        "rope_type": "yarn",
+        "rope_theta": 1e7,
+        "factor": 4.0,
+        "original_max_position_embeddings": 32768,
+    }
     nested["layer_types"] = ["sliding_attention"] * 4 + ["full_attention"]
     nested["sliding_window"] = 2048
     cfg = DraftConfig.from_dict(nested)
     assert cfg.block_size == 16 and cfg.rope_theta == 1e7
     assert cfg.rope_scaling["type"] == "yarn" and cfg.sliding_window == 2048
-    llama = base_config(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    llama = base_config(
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+    )
     assert DraftConfig.from_dict(llama).rope_scaling["type"] == "llama3"
     # Round trip through the HF layout.
     assert DraftConfig.from_dict(cfg.to_dict()) == cfg
@@ -71,8 +82,10 @@ def test_config_variants():
         ({"layer_types": ["full_attention"] * 3}, "layer_types"),
         ({"rope_theta": None}, "rope_theta"),
         ({"rope_scaling": {"rope_type": "yarn"}}, "factor"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "partial_rotary_factor": 0.5}},
-         "partial rotary"),
+        (
+            {"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "partial_rotary_factor": 0.5}},
+            "partial rotary",
+        ),
         ({"architectures": ["LlamaForCausalLM"]}, "not a DFlash"),
     ],
 )
@@ -82,8 +95,14 @@ def test_bad_configs_name_the_field(change, message):
 
 
 def convert_cli(*args):
-    return subprocess.run([sys.executable, "convert.py", *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "convert.py", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_convert_writes_what_load_draft_reads(tmp_path):
@@ -96,8 +115,17 @@ def test_convert_writes_what_load_draft_reads(tmp_path):
     reference = load_draft(hf, dtype="float16")  # unconverted HF dir, converted in memory
     assert mx.array_equal(draft.fc.weight, reference.fc.weight)
     # Quantized output loads too.
-    result = convert_cli("--hf-path", hf, "--mlx-path", tmp_path / "q4", "-q", "--q-bits", "4",
-                         "--q-group-size", "32")
+    result = convert_cli(
+        "--hf-path",
+        hf,
+        "--mlx-path",
+        tmp_path / "q4",
+        "-q",
+        "--q-bits",
+        "4",
+        "--q-group-size",
+        "32",
+    )
     assert result.returncode == 0, result.stderr
     assert "4-bit" in result.stdout
     assert json.loads((tmp_path / "q4" / "config.json").read_text())["quantization"]["bits"] == 4
@@ -112,8 +140,10 @@ def test_sharded_and_torch_bin_checkpoints(tmp_path):
     sharded = tmp_path / "sharded"
     sharded.mkdir()
     (sharded / "config.json").write_text((hf / "config.json").read_text())
-    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    halves = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for name, ks in halves.items():
         mx.save_safetensors(str(sharded / name), {k: weights[k] for k in ks})
     index = {"weight_map": {k: name for name, ks in halves.items() for k in ks}}
@@ -121,11 +151,19 @@ def test_sharded_and_torch_bin_checkpoints(tmp_path):
     binary = tmp_path / "bin"
     binary.mkdir()
     (binary / "config.json").write_text((hf / "config.json").read_text())
-    torch.save({k: torch.tensor(v.astype(mx.float32).tolist()).to(torch.bfloat16)
-                for k, v in weights.items()}, binary / "pytorch_model.bin")
+    torch.save(
+        {
+            k: torch.tensor(v.astype(mx.float32).tolist()).to(torch.bfloat16)
+            for k, v in weights.items()
+        },
+        binary / "pytorch_model.bin",
+    )
     expected = load_draft(hf).fc.weight
     for src in (sharded, binary):
-        assert convert_cli("--hf-path", src, "--mlx-path", tmp_path / f"{src.name}-out").returncode == 0
+        assert (
+            convert_cli("--hf-path", src, "--mlx-path", tmp_path / f"{src.name}-out").returncode
+            == 0
+        )
         assert mx.array_equal(load_draft(tmp_path / f"{src.name}-out").fc.weight, expected)
 
 
@@ -153,8 +191,17 @@ def corrupt(hf, tmp_path, kind):
     return message
 
 
-@pytest.mark.parametrize("kind", ["missing config", "missing tensor", "extra tensor",
-                                  "misshaped tensor", "unsupported dtype", "unreadable file"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "missing config",
+        "missing tensor",
+        "extra tensor",
+        "misshaped tensor",
+        "unsupported dtype",
+        "unreadable file",
+    ],
+)
 def test_bad_checkpoints_leave_nothing_behind(tmp_path, kind):
     hf = write_random_draft(tmp_path / "hf", TARGET)
     message = corrupt(hf, tmp_path, kind)

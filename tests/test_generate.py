@@ -43,7 +43,9 @@ def pairs(session_dir):
 
 
 def mlx_lm_greedy(model, prompt, n):
-    return [int(t) for t, _ in zip((t for t, _ in generate_step(mx.array(prompt), model)), range(n))]
+    return [
+        int(t) for t, _ in zip((t for t, _ in generate_step(mx.array(prompt), model)), range(n))
+    ]
 
 
 class OracleDraft(DraftModel):
@@ -118,7 +120,10 @@ def test_quantized_target(pairs, family, bits):
 
 
 def mlx_lm_responses(model, tokenizer, prompt, **kw):
-    return [(r.text, r.token, r.finish_reason) for r in mlx_lm_stream_generate(model, tokenizer, prompt, **kw)]
+    return [
+        (r.text, r.token, r.finish_reason)
+        for r in mlx_lm_stream_generate(model, tokenizer, prompt, **kw)
+    ]
 
 
 def test_stopping_matches_mlx_lm(pairs):
@@ -130,15 +135,21 @@ def test_stopping_matches_mlx_lm(pairs):
     draft = OracleDraft(load_draft(draft_dir).config, PROMPT + future, [None])
     # max_tokens that is not a multiple of the block.
     for max_tokens in (1, 2, 13):
-        got = [(r.text, r.token, r.finish_reason)
-               for r in stream_generate(model, draft, tokenizer, PROMPT, max_tokens=max_tokens, block_size=B)]
+        got = [
+            (r.text, r.token, r.finish_reason)
+            for r in stream_generate(
+                model, draft, tokenizer, PROMPT, max_tokens=max_tokens, block_size=B
+            )
+        ]
         assert got == mlx_lm_responses(model, tokenizer, PROMPT, max_tokens=max_tokens)
     # A token generated mid-block becomes an EOS: nothing after it is emitted.
     eos = future[11]
     tokenizer.add_eos_token(tokenizer.convert_ids_to_tokens(eos))
     first = future.index(eos)
-    got = [(r.text, r.token, r.finish_reason)
-           for r in stream_generate(model, draft, tokenizer, PROMPT, max_tokens=64, block_size=B)]
+    got = [
+        (r.text, r.token, r.finish_reason)
+        for r in stream_generate(model, draft, tokenizer, PROMPT, max_tokens=64, block_size=B)
+    ]
     assert got == mlx_lm_responses(model, tokenizer, PROMPT, max_tokens=64)
     assert got[-1][1] == eos and got[-1][2] == "stop" and len(got) == first + 1
 
@@ -150,7 +161,12 @@ def test_sampling_seeded_runs_reproduce(pairs):
 
     def sample():
         mx.random.seed(7)
-        return [r.token for r in stream_generate(model, draft, tokenizer, PROMPT, max_tokens=24, temp=0.8, top_p=0.9)]
+        return [
+            r.token
+            for r in stream_generate(
+                model, draft, tokenizer, PROMPT, max_tokens=24, temp=0.8, top_p=0.9
+            )
+        ]
 
     assert sample() == sample()
 
@@ -189,18 +205,40 @@ def test_speculative_sampling_reproduces_target_distribution(session_dir):
 
     V, temp = 4, 1.0
     mx.random.seed(3)
-    model = qwen3.Model(qwen3.ModelArgs(
-        model_type="qwen3", hidden_size=32, num_hidden_layers=4, intermediate_size=64,
-        num_attention_heads=4, rms_norm_eps=1e-6, vocab_size=V, num_key_value_heads=2,
-        max_position_embeddings=512, rope_theta=10000.0, head_dim=8, tie_word_embeddings=False,
-    ))
+    model = qwen3.Model(
+        qwen3.ModelArgs(
+            model_type="qwen3",
+            hidden_size=32,
+            num_hidden_layers=4,
+            intermediate_size=64,
+            num_attention_heads=4,
+            rms_norm_eps=1e-6,
+            vocab_size=V,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rope_theta=10000.0,
+            head_dim=8,
+            tie_word_embeddings=False,
+        )
+    )
     mx.eval(model.parameters())
-    draft = DraftModel(DraftConfig.from_dict({
-        "block_size": 4, "dflash_config": {"mask_token_id": V - 1, "target_layer_ids": [1, 2]},
-        "num_target_layers": 4, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 8, "vocab_size": V, "rope_theta": 10000.0,
-    }))
+    draft = DraftModel(
+        DraftConfig.from_dict(
+            {
+                "block_size": 4,
+                "dflash_config": {"mask_token_id": V - 1, "target_layer_ids": [1, 2]},
+                "num_target_layers": 4,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "head_dim": 8,
+                "vocab_size": V,
+                "rope_theta": 10000.0,
+            }
+        )
+    )
     mx.eval(draft.parameters())
     prompt = [1, 2, 3]
 
@@ -241,19 +279,44 @@ def chi2_critical(df, z=3.09):
 def run_cli(*args, stdin=None):
     return subprocess.run(
         [sys.executable, "-m", "dflash_mlx.generate", *args],
-        capture_output=True, text=True, input=stdin, cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
     )
 
 
 def test_cli_end_to_end(pairs):
     target_dir, draft_dir = pairs("qwen3")
-    result = run_cli("--model", str(target_dir), "--draft-model", str(draft_dir),
-                     "-p", "hello world", "-m", "20", "--block-size", "4")
+    result = run_cli(
+        "--model",
+        str(target_dir),
+        "--draft-model",
+        str(draft_dir),
+        "-p",
+        "hello world",
+        "-m",
+        "20",
+        "--block-size",
+        "4",
+    )
     assert result.returncode == 0, result.stderr
     assert "Generation: 20 tokens" in result.stdout
     assert "Acceptance length (tau)" in result.stdout
-    result = run_cli("--model", str(target_dir), "--draft-model", str(draft_dir),
-                     "-p", "-", "-m", "5", "--ignore-chat-template", stdin="from stdin")
+    result = run_cli(
+        "--model",
+        str(target_dir),
+        "--draft-model",
+        str(draft_dir),
+        "-p",
+        "-",
+        "-m",
+        "5",
+        "--ignore-chat-template",
+        stdin="from stdin",
+    )
     assert result.returncode == 0, result.stderr
 
 

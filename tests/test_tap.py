@@ -10,11 +10,22 @@ from dflash_mlx.tap import embedding_and_head, tap_hidden_states
 
 def tiny_qwen3(seed, tie=False):
     mx.random.seed(seed)
-    model = qwen3.Model(qwen3.ModelArgs(
-        model_type="qwen3", hidden_size=32, num_hidden_layers=4, intermediate_size=64,
-        num_attention_heads=4, rms_norm_eps=1e-6, vocab_size=64, num_key_value_heads=2,
-        max_position_embeddings=512, rope_theta=10000.0, head_dim=8, tie_word_embeddings=tie,
-    ))
+    model = qwen3.Model(
+        qwen3.ModelArgs(
+            model_type="qwen3",
+            hidden_size=32,
+            num_hidden_layers=4,
+            intermediate_size=64,
+            num_attention_heads=4,
+            rms_norm_eps=1e-6,
+            vocab_size=64,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rope_theta=10000.0,
+            head_dim=8,
+            tie_word_embeddings=tie,
+        )
+    )
     mx.eval(model.parameters())
     return model
 
@@ -66,9 +77,12 @@ def test_bad_layer_ids_and_double_taps_are_errors():
     model = tiny_qwen3(0)
     with pytest.raises(ValueError, match="out of range"), tap_hidden_states(model, [4]):
         pass
-    with tap_hidden_states(model, [1]), pytest.raises(RuntimeError, match="already tapped"):
-        with tap_hidden_states(model, [1]):
-            pass
+    with (
+        tap_hidden_states(model, [1]),
+        pytest.raises(RuntimeError, match="already tapped"),
+        tap_hidden_states(model, [1]),
+    ):
+        pass
     assert not hasattr(model.model.layers[1], "_dflash_tap")
 
 
@@ -77,7 +91,17 @@ def test_embedding_and_head(tie):
     model = tiny_qwen3(0, tie=tie)
     embed, head = embedding_and_head(model)
     ids = mx.array([[1, 2]])
-    h = model.model.norm(model.model.layers[-1](model.model.layers[-2](
-        model.model.layers[-3](model.model.layers[0](embed(ids), "causal", None), "causal", None),
-        "causal", None), "causal", None))
+    h = model.model.norm(
+        model.model.layers[-1](
+            model.model.layers[-2](
+                model.model.layers[-3](
+                    model.model.layers[0](embed(ids), "causal", None), "causal", None
+                ),
+                "causal",
+                None,
+            ),
+            "causal",
+            None,
+        )
+    )
     assert mx.allclose(head(h), model(ids), atol=1e-5)
