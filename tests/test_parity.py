@@ -392,7 +392,7 @@ def test_mlx_cuda_quantized_matmul_64_inputs():
     """MLX 0.32.4 on CUDA: a 4-bit matmul whose layer has 64 inputs (one group per row)
     is wrong (fp32: off by ~100%; bf16: NaN), while 128+ inputs are right. The tiny
     qwen3_b16/llama31 drafts (hidden 64) have such layers; real drafts (hidden >= 2560)
-    do not. Found by this suite on the H200; xfail(strict) on CUDA until MLX fixes it."""
+    do not. Found by this suite on the H200; xfails on CUDA until MLX fixes it."""
     errors = {}
     for k in (64, 128):
         w = mx.random.normal((96, k), key=mx.random.key(k))

@@ -134,7 +134,7 @@ def supports(q: mx.array, k: mx.array, v: mx.array, window: int | None) -> bool:
 # {(head_dim, lq_min, lq_max): fewest keys}. A backend or shape not listed has no
 # measurement, so auto mode keeps SDPA there; DFLASH_BLOCK_ATTENTION=kernel forces the
 # kernel for A/B runs.
-# - cuda (H200, benchmarks/results/attention_cuda_nvidia_h200.json and cycle_h200.md):
+# - cuda (H200, benchmarks/results/attention_cuda_nvidia_h200.json and gpu_h200.md):
 #   D=256: the kernel is 1.25-2.8x faster from 1024 keys at every Lq (SDPA has no cuDNN
 #   path above D=128). D<=128 with Lq>1: SDPA runs cuDNN, which builds a new graph for
 #   every new key length; a decode loop grows the keys every cycle, so the stock 8B
@@ -289,9 +289,9 @@ def _self_check(backend: str, factory: KernelFactory, dtype: mx.Dtype, plan: Pla
         )
         # The reference runs on the CPU: MLX's CUDA matmuls round fp32 to TF32 by default
         # (MLX_ENABLE_TF32), which alone exceeds the fp32 tolerance.
-        f32 = [x.astype(mx.float32) for x in (q, k, v)]
-        ref = mx.fast.scaled_dot_product_attention(*f32, scale=scale, mask="causal", stream=mx.cpu)
         with mx.stream(mx.cpu):
+            f32 = [x.astype(mx.float32) for x in (q, k, v)]
+            ref = mx.fast.scaled_dot_product_attention(*f32, scale=scale, mask="causal")
             err = mx.linalg.norm(out.astype(mx.float32) - ref) / mx.linalg.norm(ref)
         err = err.item()
         ok = math.isfinite(err) and err < _TOLERANCE[dtype]

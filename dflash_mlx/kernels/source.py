@@ -109,8 +109,8 @@ def smem_bytes(itemsize: int, D: int, BN: int, WM: int, NBUF: int) -> int:
 # Tiling per backend. CUDA: two K/V buffers filled by cp.async; up to 4 simdgroups
 # (64 query rows) per threadgroup; 32-key tiles at D=128 measured 64 vs 83 us (H100)
 # and 80 vs 89 us (H200, benchmarks/results/attention_cuda_nvidia_h200.json "variants")
-# against 64-key ones at Lq=16, S=16k. Metal: 32 KB of threadgroup memory and no asynchronous copy, so one
-# buffer and smaller tiles.
+# against 64-key ones at Lq=16, S=16k. Metal: 32 KB of threadgroup memory and no
+# asynchronous copy, so one buffer and smaller tiles.
 _TILING = {
     "cuda": {"max_wm": 4, "bn": {64: 64, 128: 32, 256: 32}, "nbuf": 2, "target_groups": 264},
     "metal": {"max_wm": 4, "bn": {64: 32, 128: 32, 256: 16}, "nbuf": 1, "target_groups": 256},
