@@ -7,6 +7,7 @@ from .config import ConfigError, DraftConfig
 from .drafter import DraftModel
 from .generate import GenerationResponse, generate, stream_generate
 from .loading import load, load_draft
+from .session import make_prompt_cache
 
 __all__ = [
     "CheckpointError",
@@ -17,5 +18,6 @@ __all__ = [
     "generate",
     "load",
     "load_draft",
+    "make_prompt_cache",
     "stream_generate",
 ]

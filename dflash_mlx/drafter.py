@@ -16,6 +16,7 @@ from mlx_lm.models.cache import KVCache
 from .config import DraftConfig
 from .kernels import block_attention
 from .rope import make_rope
+from .sampling import SamplingParams
 
 
 class Attention(nn.Module):
@@ -58,14 +59,17 @@ class Attention(nn.Module):
     ) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
-        q = rope(self.q_norm(q).transpose(0, 2, 1, 3), offset=cache.offset)
+        start = cache.offset
+        q = rope(self.q_norm(q).transpose(0, 2, 1, 3), offset=start)
         k, v = self._kv(x)
-        k = rope(k, offset=cache.offset)
-        # The block's keys/values join the cached context for this forward only.
-        if cache.keys is not None:
-            n = cache.offset if context_window is None else min(cache.offset, context_window)
-            k = mx.concatenate([cache.keys[..., cache.offset - n : cache.offset, :], k], axis=2)
-            v = mx.concatenate([cache.values[..., cache.offset - n : cache.offset, :], v], axis=2)
+        # The block's keys/values go into the cache buffer right after the context, are
+        # attended to in place, and are dropped again (trim): the context is never copied.
+        # The next add_context overwrites them with the committed positions.
+        k, v = cache.update_and_fetch(rope(k, offset=start), v)
+        cache.trim(L)
+        if context_window is not None and start > context_window:
+            k = k[..., start - context_window :, :]
+            v = v[..., start - context_window :, :]
         out = block_attention(q, k, v, scale=self.scale, causal=self.causal, window=self.window)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -178,3 +182,24 @@ class DraftModel(nn.Module):
         for layer, c in zip(self.layers, cache):
             h = layer(h, self.rope, c, context_window)
         return self.norm(h)
+
+    def propose(
+        self,
+        anchor: mx.array,
+        cache: list[KVCache],
+        n: int,
+        sampling: SamplingParams,
+        context_window: int | None = None,
+    ) -> tuple[mx.array, mx.array | None]:
+        """Draft n tokens after `anchor` [1] in one forward.
+
+        Returns the drafted ids [n] (int32) and, when sampling, the float32
+        log-distribution [n, V] each was drawn from (None when greedy).
+        """
+        masks = mx.full((n,), self.mask_token_id, dtype=anchor.dtype)
+        block = mx.concatenate([anchor, masks])[None]
+        logits = self.logits(self(block, None, cache, context_window)[0, 1:])
+        if sampling.greedy:
+            return mx.argmax(logits, axis=-1).astype(mx.int32), None
+        logq = sampling.log_distribution(logits)
+        return mx.random.categorical(logq).astype(mx.int32), logq

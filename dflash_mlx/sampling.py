@@ -1,14 +1,20 @@
 """Acceptance: greedy prefix matching, and speculative rejection sampling.
 
 Both run on the device and hand back small arrays, so a cycle needs one host sync.
-Sampling distributions are mlx_lm's: its top-p / min-p / top-k filters on the
-log-probabilities, then a temperature, in the order `mlx_lm.sample_utils.make_sampler`
-applies them; so the emitted tokens follow exactly the target's sampling distribution.
+
+`SamplingParams.log_distribution` gives, as a float32 log-distribution, exactly what
+`mlx_lm.sample_utils.make_sampler` samples from: the same filters, in the same order
+(top-p, min-p, XTC, top-k), applied to the same log-probabilities in the model's
+dtype, and the temperature applied in that dtype too, as mlx_lm's
+`categorical_sampling` does; only then float32, so the acceptance maths (exp, p/q,
+max(p - q, 0)) adds no rounding of its own. XTC, which mlx_lm applies with
+probability `xtc_probability`, is the exact mixture of its two outcomes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
@@ -21,21 +27,67 @@ class SamplingParams:
     min_p: float = 0.0
     min_tokens_to_keep: int = 1
     top_k: int = 0
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    xtc_special_tokens: list[int] = field(default_factory=list)
 
     @property
     def greedy(self) -> bool:
         return self.temp == 0
 
-    def log_distribution(self, logprobs: mx.array) -> mx.array:
-        """Normalised log-probabilities [..., V] of what make_sampler would sample."""
+    def check(self) -> None:
+        """The argument errors mlx_lm's sampler would raise, before any work."""
+        for name in ("temp", "top_p", "min_p", "xtc_probability", "xtc_threshold"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        if self.temp < 0:
+            raise ValueError(f"temp must be >= 0, got {self.temp}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.xtc_probability <= 1:
+            raise ValueError(f"xtc_probability must be in [0, 1], got {self.xtc_probability}")
+        if not 0 <= self.xtc_threshold <= 0.5:
+            raise ValueError(f"xtc_threshold must be in [0, 0.5], got {self.xtc_threshold}")
+
+    def log_distribution(self, logits: mx.array) -> mx.array:
+        """float32 log-probabilities [..., V] of what make_sampler samples from `logits`."""
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if 0 < self.top_p < 1.0:
             logprobs = apply_top_p(logprobs, self.top_p)
         if self.min_p != 0.0:
             logprobs = apply_min_p(logprobs, self.min_p, self.min_tokens_to_keep)
+        if self.xtc_probability <= 0:
+            return self._finish(logprobs)
+        kept = self._finish(logprobs)
+        cut = self._finish(self._xtc_cut(logprobs))
+        if self.xtc_probability >= 1:
+            return cut
+        return mx.logaddexp(
+            kept + math.log1p(-self.xtc_probability), cut + math.log(self.xtc_probability)
+        )
+
+    def _xtc_cut(self, logprobs: mx.array) -> mx.array:
+        """apply_xtc's outcome when it fires: drop every token above the threshold but the
+        least likely of them (special tokens are never dropped)."""
+        probs = mx.softmax(logprobs, -1)
+        least = mx.where(probs > self.xtc_threshold, probs, mx.inf).min(axis=-1, keepdims=True)
+        drop = probs > least
+        if self.xtc_special_tokens:
+            keep = mx.zeros(drop.shape[-1], dtype=mx.bool_)
+            keep[mx.array(self.xtc_special_tokens)] = True
+            drop = drop & ~keep
+        return mx.where(drop, -mx.inf, logprobs)
+
+    def _finish(self, logprobs: mx.array) -> mx.array:
         if self.top_k > 0:
             logprobs = apply_top_k(logprobs, self.top_k)
-        logits = logprobs * (1.0 / self.temp)
-        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        scaled = (logprobs * (1.0 / self.temp)).astype(mx.float32)
+        return scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
 
 
 def greedy_accept(drafted: mx.array, target: mx.array) -> tuple[mx.array, mx.array]:
@@ -56,8 +108,10 @@ def speculative_accept(
     [n+1, V] is the target's distribution at each block position. Accept d_i with
     probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection draw from
     normalise(max(0, p_i - q_i)); if all are accepted draw a bonus token from p_n.
-    Returns (number accepted, the next token).
+    Computed in float32 whatever the inputs' dtype. Returns (number accepted, next token).
     """
+    draft_logq = draft_logq.astype(mx.float32)
+    target_logp = target_logp.astype(mx.float32)
     n = drafted.shape[0]
     k_accept, k_resample = mx.random.split(key) if key is not None else (None, None)
     idx = mx.arange(n)

@@ -1,33 +1,23 @@
-"""Tap hidden states of chosen layers of an mlx-lm target, and find its embedding and head.
+"""Where an mlx-lm target keeps its layers, embedding and head; tapping hidden states.
 
-The tap swaps the class of the chosen layer *instances* for a recording subclass, so
-only this model is affected (another model in the process, or another instance of the
-same class, is not), nothing global is patched, and leaving the `with` block restores
-the original classes, also after an exception or KeyboardInterrupt.
+`Tap` records the outputs of the tapped layers during every forward, through
+`patch.Patches.hook_call` on those layer instances only, so another model in the
+process (or another instance of the same class) is not affected. It also finds out,
+on one forward, which cache object each layer is handed (`bind_caches`): mlx-lm
+models pair layers with caches in their own way (`make_cache`, shared or skipped
+caches), so the verify session checks the pairing instead of assuming `zip`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import mlx.core as mx
 from mlx import nn
 
-_RECORDING_CLASSES: dict[type, type] = {}
-
-
-def _recording_class(cls: type) -> type:
-    """A subclass of `cls` whose call also hands its output to the attached tap."""
-    if cls not in _RECORDING_CLASSES:
-
-        def __call__(self, *args, **kwargs):
-            out = cls.__call__(self, *args, **kwargs)
-            self._dflash_tap.record(self._dflash_tap_slot, out)
-            return out
-
-        _RECORDING_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
-    return _RECORDING_CLASSES[cls]
+from .patch import Patches
 
 
 def target_layers(model: nn.Module) -> list[nn.Module]:
@@ -65,17 +55,28 @@ def embedding_and_head(
 class Tap:
     """Holds the outputs of the tapped layers from the latest forward."""
 
-    def __init__(self, layer_ids: list[int], num_layers: int, final_norm: nn.Module):
+    def __init__(self, model: nn.Module, layer_ids: list[int]):
+        layers = target_layers(model)
+        bad = [i for i in layer_ids if not 0 <= i < len(layers)]
+        if bad:
+            raise ValueError(f"target layer ids {bad} out of range for {len(layers)} layers")
+        self.layers = layers
         self.layer_ids = list(layer_ids)
         self._outputs: list[mx.array | None] = [None] * len(layer_ids)
         # hidden_states[N] in transformers is the final-normed output of the last layer.
-        self._normed_slot = (
-            self.layer_ids.index(num_layers - 1) if num_layers - 1 in layer_ids else None
-        )
-        self._final_norm = final_norm
+        last = len(layers) - 1
+        self._normed_slot = self.layer_ids.index(last) if last in layer_ids else None
+        self._final_norm = getattr(_text_model(model), "norm", None)
 
-    def record(self, slot: int, out: mx.array) -> None:
-        self._outputs[slot] = out
+    def install(self, patches: Patches) -> None:
+        for slot, i in enumerate(self.layer_ids):
+
+            def record(call, layer, *args, _slot=slot, **kwargs):
+                out = call(layer, *args, **kwargs)
+                self._outputs[_slot] = out
+                return out
+
+            patches.hook_call(self.layers[i], record)
 
     def features(self) -> mx.array:
         """[B, L, n_taps * H]: the tapped layers' outputs, concatenated in layer_ids order."""
@@ -88,27 +89,39 @@ class Tap:
 
 
 @contextmanager
+def bind_caches(layers: list[nn.Module], cache: list[Any]) -> Iterator[list[list[Any]]]:
+    """Inside the block, record for each layer the caches from `cache` it is called with
+    (by identity, positional or keyword); yields that list of lists."""
+    ids = {id(c): c for c in cache}
+    seen: list[list[Any]] = [[] for _ in layers]
+    patches = Patches()
+
+    def recorder(i: int):
+        def record(call, layer, *args, **kwargs):
+            seen[i].extend(ids[id(a)] for a in (*args, *kwargs.values()) if id(a) in ids)
+            seen[i].append(CALLED)
+            return call(layer, *args, **kwargs)
+
+        return record
+
+    try:
+        for i, layer in enumerate(layers):
+            patches.hook_call(layer, recorder(i))
+        yield seen
+    finally:
+        patches.restore()
+
+
+CALLED = object()  # marks one call of a layer in bind_caches' record
+
+
+@contextmanager
 def tap_hidden_states(model: nn.Module, layer_ids: list[int]) -> Iterator[Tap]:
     """Record the outputs of `layer_ids` during every forward inside the block."""
-    layers = target_layers(model)
-    bad = [i for i in layer_ids if not 0 <= i < len(layers)]
-    if bad:
-        raise ValueError(f"target layer ids {bad} out of range for {len(layers)} layers")
-    tap = Tap(layer_ids, len(layers), getattr(_text_model(model), "norm", None))
-    swapped = []
+    tap = Tap(model, layer_ids)
+    patches = Patches()
     try:
-        for slot, i in enumerate(layer_ids):
-            layer = layers[i]
-            if hasattr(layer, "_dflash_tap"):
-                raise RuntimeError(f"target layer {i} is already tapped")
-            object.__setattr__(layer, "_dflash_tap", tap)
-            object.__setattr__(layer, "_dflash_tap_slot", slot)
-            original = type(layer)
-            swapped.append((layer, original))
-            layer.__class__ = _recording_class(original)
+        tap.install(patches)
         yield tap
     finally:
-        for layer, original in swapped:
-            layer.__class__ = original
-            object.__delattr__(layer, "_dflash_tap")
-            object.__delattr__(layer, "_dflash_tap_slot")
+        patches.restore()

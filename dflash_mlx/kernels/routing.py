@@ -1,26 +1,22 @@
 """Route an mlx-lm target's verify forward through the block-attention kernel.
 
 mlx-lm model modules call `scaled_dot_product_attention` (imported from
-mlx_lm.models.base) from their own module namespace. `verify_attention(model)`
-replaces that name, in the modules the model's layers come from, by a router that
-sends verify-shaped calls to the kernel:
+mlx_lm.models.base) from their own module namespace. `install(model, patches)`
+routes that name, in the modules the model's layers come from (`patch.Patches.route`),
+and the router sends verify-shaped calls made inside `verifying()` to the kernel:
 
   query length 2…32, a non-quantized cache, mask == "causal" (what mlx-lm passes for a
   plain KV cache; sliding-window and padded batches get array masks), no sinks,
 
-and every other call to the original function, unchanged. The router acts only
-inside the `with` block of the thread (context) that entered it, so a plain mlx_lm
-call elsewhere (another thread, or after the block) computes exactly what it always
-did. Patches are reference-counted per module, so nested or concurrent blocks over
-two models that share a module are safe; the original is restored when the last one
-exits, on an exception too.
+and every other call to the original function, unchanged. `verifying()` is a context
+variable, so a plain mlx_lm call elsewhere (another thread, or outside the block)
+computes exactly what it always did. `verify_attention(model)` does both for one block.
 """
 
 from __future__ import annotations
 
 import contextvars
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
@@ -29,12 +25,11 @@ import mlx.core as mx
 from mlx import nn
 from mlx_lm.models import base as _mlx_lm_base
 
+from ..patch import Patches, original_function
 from .attention import kernel_attention
 from .source import MAX_QUERIES
 
 _NAME = "scaled_dot_product_attention"
-_lock = threading.RLock()
-_patches: dict[str, list] = {}  # module name -> [module, original, count]
 _depth = contextvars.ContextVar("dflash_verify_attention_depth", default=0)
 
 
@@ -66,7 +61,6 @@ def _make_router(original):
                 return out
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
-    scaled_dot_product_attention.__dflash_original__ = original
     return scaled_dot_product_attention
 
 
@@ -79,54 +73,39 @@ def attention_modules(model: nn.Module) -> list[ModuleType]:
     Found once per model class: walking every submodule is too slow for each verify.
     """
     if type(model) not in _modules_by_type:
-        _modules_by_type[type(model)] = _find_attention_modules(model)
+        names = {type(model).__module__} | {type(m).__module__ for m in model.modules()}
+        _modules_by_type[type(model)] = [
+            sys.modules[name]
+            for name in sorted(names)
+            if name in sys.modules
+            and original_function(getattr(sys.modules[name], _NAME, None))
+            is _mlx_lm_base.scaled_dot_product_attention
+        ]
     return _modules_by_type[type(model)]
 
 
-def _find_attention_modules(model: nn.Module) -> list[ModuleType]:
-    names = {type(model).__module__} | {type(m).__module__ for m in model.modules()}
-    found = []
-    for name in sorted(names):
-        module = sys.modules.get(name)
-        fn = getattr(module, _NAME, None)
-        if fn is None:
-            continue
-        original = getattr(fn, "__dflash_original__", fn)
-        if original is _mlx_lm_base.scaled_dot_product_attention:
-            found.append(module)
-    return found
-
-
-def _patch(module: ModuleType) -> None:
-    entry = _patches.get(module.__name__)
-    if entry is not None:
-        entry[2] += 1
-        return
-    original = getattr(module, _NAME)
-    setattr(module, _NAME, _make_router(original))
-    _patches[module.__name__] = [module, original, 1]
-
-
-def _unpatch(module: ModuleType) -> None:
-    entry = _patches[module.__name__]
-    entry[2] -= 1
-    if entry[2] == 0:
-        setattr(module, _NAME, entry[1])
-        del _patches[module.__name__]
+def install(model: nn.Module, patches: Patches) -> None:
+    for module in attention_modules(model):
+        patches.route(module, _NAME, _make_router)
 
 
 @contextmanager
-def verify_attention(model: nn.Module) -> Iterator[None]:
-    """Inside this block, the model's verify-shaped attention runs on the kernel."""
-    modules = attention_modules(model)
-    with _lock:
-        for module in modules:
-            _patch(module)
+def verifying() -> Iterator[None]:
+    """Inside this block (this thread / context only), verify-shaped calls use the kernel."""
     token = _depth.set(_depth.get() + 1)
     try:
         yield
     finally:
         _depth.reset(token)
-        with _lock:
-            for module in modules:
-                _unpatch(module)
+
+
+@contextmanager
+def verify_attention(model: nn.Module) -> Iterator[None]:
+    """Inside this block, the model's verify-shaped attention runs on the kernel."""
+    patches = Patches()
+    try:
+        install(model, patches)
+        with verifying():
+            yield
+    finally:
+        patches.restore()

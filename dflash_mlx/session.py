@@ -1,0 +1,334 @@
+"""One sequence's caches (target and draft), and the only code that changes them.
+
+A `VerifySession` owns the target's cache list and the draft's context cache, as one
+flat list (`make_prompt_cache`), so a prompt cache carries both across calls and
+mlx_lm's prompt-cache helpers (save / load / trim) work on it unchanged. It
+
+- hooks the target once, on entry, through `patch.Patches` (tapped layers, the
+  recurrent mixers' recorders, verify attention routing) and undoes it all on exit;
+- checks on the first forward which cache each layer really uses (`tap.bind_caches`);
+- `prefill`s a prompt as mlx_lm does (same chunks, KV quantization at the same steps);
+- `propose`s a block with the draft, after adding the committed context to the
+  draft's cache;
+- `verify`s a block with one target forward (split once where mlx_lm's KV
+  quantization starts inside the block) and keeps a checkpoint;
+- `commit`s n tokens: every cache back to the last accepted position (rollback.py),
+  the accepted positions' tapped features queued for the draft's context.
+
+Invariant between calls: the target caches hold the tokens fed so far and the draft
+caches the tapped context of exactly those positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+from mlx import nn
+from mlx_lm.models import cache as mlx_lm_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+from .drafter import DraftModel
+from .kernels import routing
+from .patch import Patches
+from .rollback import Rollback
+from .sampling import SamplingParams
+from .tap import CALLED, Tap, bind_caches, embedding_and_head, target_layers
+
+_META_PREFIX = "dflash_"
+
+
+def _target_cache(model: nn.Module, max_kv_size: int | None = None) -> list[Any]:
+    return mlx_lm_cache.make_prompt_cache(model, max_kv_size=max_kv_size)
+
+
+def make_prompt_cache(
+    model: nn.Module, draft: DraftModel, max_kv_size: int | None = None
+) -> list[Any]:
+    """mlx_lm's prompt cache for the target, followed by the draft's context caches."""
+    return _target_cache(model, max_kv_size) + draft.make_cache()
+
+
+def n_target_caches(model: nn.Module, draft: DraftModel, cache: list[Any]) -> int:
+    """Where the target's part of a flat DFlash prompt cache ends (checked)."""
+    n = len(_target_cache(model))
+    if len(cache) != n + len(draft.layers):
+        raise ValueError(
+            f"prompt cache has {len(cache)} entries; this target and draft need "
+            f"{n} + {len(draft.layers)} (make it with dflash_mlx.make_prompt_cache(model, draft))"
+        )
+    return n
+
+
+def pair_fingerprint(model: nn.Module, draft: DraftModel) -> dict[str, str]:
+    """What identifies a target/draft pair in a saved prompt cache: shapes and a few
+    weights of both, so another model of the same architecture is refused too."""
+    embed, _ = embedding_and_head(model)
+    probe = embed(mx.array([0, 1])).astype(mx.float32)
+    draft_w = draft.fc.weight
+    draft_probe = (draft_w if draft_w.dtype != mx.uint32 else draft.fc.scales).astype(mx.float32)
+    layers = target_layers(model)
+    return {
+        "target": f"{type(model).__module__}:{len(layers)}:{probe.shape[-1]}:"
+        f"{embed.weight.shape[0]}:{mx.sum(probe).item():.6e}",
+        "draft": f"{len(draft.layers)}:{draft.block_size}:{draft.config.target_layer_ids}:"
+        f"{mx.sum(draft_probe[:4]).item():.6e}",
+    }
+
+
+def save_prompt_cache(
+    file: str,
+    cache: list[Any],
+    model: nn.Module,
+    draft: DraftModel,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """mlx_lm's prompt-cache file, with the target/draft pair recorded in its metadata."""
+    n_target_caches(model, draft, cache)
+    meta = dict(metadata or {})
+    meta.update({_META_PREFIX + k: v for k, v in pair_fingerprint(model, draft).items()})
+    mlx_lm_cache.save_prompt_cache(file, cache, meta)
+
+
+def load_prompt_cache(
+    file: str, model: nn.Module, draft: DraftModel
+) -> tuple[list[Any], dict[str, str]]:
+    """A prompt cache saved by `save_prompt_cache`; refuses one made for another pair."""
+    cache, meta = mlx_lm_cache.load_prompt_cache(file, return_metadata=True)
+    saved = {k[len(_META_PREFIX) :]: v for k, v in meta.items() if k.startswith(_META_PREFIX)}
+    if not saved:
+        raise ValueError(f"{file}: not a DFlash prompt cache (no target/draft pair recorded)")
+    for side, value in pair_fingerprint(model, draft).items():
+        if saved.get(side) != value:
+            raise ValueError(f"{file}: prompt cache was made for another {side} model")
+    n_target_caches(model, draft, cache)
+    return cache, {k: v for k, v in meta.items() if not k.startswith(_META_PREFIX)}
+
+
+@dataclass
+class KVQuantization:
+    """mlx_lm's `kv_bits` / `kv_group_size` / `quantized_kv_start`."""
+
+    bits: int | None = None
+    group_size: int = 64
+    start: int = 5000
+
+    def due(self, cache: list[Any]) -> bool:
+        return self.bits is not None and any(
+            isinstance(c, KVCache) and c.offset >= self.start for c in cache
+        )
+
+    def apply(self, cache: list[Any]) -> None:
+        """mlx_lm's maybe_quantize_kv_cache, on the target's caches only."""
+        if self.bits is None:
+            return
+        for i, c in enumerate(cache):
+            if isinstance(c, KVCache) and c.offset >= self.start:
+                cache[i] = c.to_quantized(group_size=self.group_size, bits=self.bits)
+
+
+class VerifySession:
+    """One sequence: the target's caches and the draft's context, checkpointed per verify.
+
+    Use as a context manager: entering hooks the target, leaving restores it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        draft: DraftModel,
+        cache: list[Any] | None = None,
+        *,
+        max_kv_size: int | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = 5000,
+    ):
+        self.model, self.draft = model, draft
+        if cache is None:
+            cache = make_prompt_cache(model, draft, max_kv_size)
+        n = n_target_caches(model, draft, cache)
+        self.cache = cache
+        self.target_cache = cache[:n]  # entries replaced by quantization: written back
+        self.draft_cache = cache[n:]
+        self.kv = KVQuantization(kv_bits, kv_group_size, quantized_kv_start)
+        if kv_bits is not None and any(isinstance(c, RotatingKVCache) for c in cache[:n]):
+            raise ValueError("kv_bits does not work with rotating (windowed) KV caches")
+        self.offset = self._check_offsets()
+        self.layers = target_layers(model)
+        self.tap = Tap(model, draft.config.target_layer_ids)
+        self.rollback: Rollback | None = None
+        self._patches = Patches()
+        self._pending: mx.array | None = None  # committed features not in the draft cache yet
+        self._verify: tuple[int, int] | None = None  # (offset before, block length)
+        self._unquantized: dict[int, Any] = {}
+
+    def _check_offsets(self) -> int:
+        target = {c.offset for c in self.target_cache if hasattr(c, "offset")}
+        draft = {c.offset for c in self.draft_cache}
+        if len(target) > 1:
+            raise ValueError(f"prompt cache: target caches disagree on their length {target}")
+        length = target.pop() if target else 0
+        if draft != {length}:
+            raise ValueError(
+                f"prompt cache: draft context holds {sorted(draft)} positions, the target {length}"
+            )
+        return length
+
+    # -- hooks ------------------------------------------------------------------------
+
+    def __enter__(self) -> VerifySession:  # noqa: PYI034
+        self.draft.bind(self.model)
+        try:
+            self.tap.install(self._patches)
+            routing.install(self.model, self._patches)
+        except BaseException:
+            self._patches.restore()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._patches.restore()
+
+    def _bind(self, bound: list[list[Any]]) -> None:
+        """Check the layer/cache pairing seen on the first forward; set up rollback."""
+        name = type(self.model).__name__
+        for i, seen in enumerate(bound):
+            if seen.count(CALLED) != 1:
+                raise ValueError(
+                    f"{name}: layer {i} ran {seen.count(CALLED)} times in one forward; "
+                    f"its cache list ({len(self.target_cache)} caches for "
+                    f"{len(self.layers)} layers) does not match its layers"
+                )
+        used = {id(c) for seen in bound for c in seen if c is not CALLED}
+        unused = [i for i, c in enumerate(self.target_cache) if id(c) not in used]
+        if unused:
+            raise ValueError(
+                f"{name}: caches {unused} of {len(self.target_cache)} are used by no layer; "
+                f"its cache list does not match its {len(self.layers)} layers"
+            )
+        caches = [[c for c in seen if c is not CALLED] for seen in bound]
+        self.rollback = Rollback(self.model, self.layers, self.target_cache, caches)
+        self.rollback.install(self._patches)
+
+    def _forward(self, tokens: mx.array) -> mx.array:
+        """One target forward over tokens [L] on the target caches; logits [L, V]."""
+        if self.rollback is None:
+            with bind_caches(self.layers, self.target_cache) as bound:
+                logits = self.model(tokens[None], cache=self.target_cache)
+            self._bind(bound)
+        else:
+            logits = self.model(tokens[None], cache=self.target_cache)
+        return logits[0]
+
+    def _write_back(self) -> None:
+        self.cache[: len(self.target_cache)] = self.target_cache
+
+    # -- the cycle --------------------------------------------------------------------
+
+    def prefill(
+        self,
+        prompt: mx.array,
+        step: int = 2048,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> mx.array:
+        """Feed the prompt as mlx_lm's generate_step does (chunks, then the last token
+        alone), caching its tapped features in the draft cache. Returns the last
+        position's logits [1, V]."""
+        progress = progress or (lambda *_: None)
+        total = prompt.size
+        progress(0, total)
+        done = 0
+        while total - done > 1:
+            n = min(step, total - done - 1)
+            self._feed(prompt[done : done + n])
+            mx.eval([c.state for c in self.cache])
+            done += n
+            progress(done, total)
+            mx.clear_cache()
+        logits = self._feed(prompt[done:])
+        return logits[-1:]
+
+    def _feed(self, tokens: mx.array) -> mx.array:
+        logits = self._forward(tokens)
+        self.kv.apply(self.target_cache)
+        self._write_back()
+        self.draft.add_context(self.tap.features(), self.draft_cache)
+        self.offset += tokens.size
+        return logits
+
+    def feed(self, tokens: mx.array) -> mx.array:
+        """Commit tokens [L] as they are (no verify): target forward, draft context."""
+        self._flush()
+        return self._feed(tokens)
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            self.draft.add_context(self._pending, self.draft_cache)
+            self._pending = None
+
+    def propose(
+        self, anchor: mx.array, n: int, sampling: SamplingParams, window: int | None = None
+    ) -> tuple[mx.array, mx.array | None]:
+        """The draft's n tokens after `anchor` [1] (the last committed token)."""
+        self._flush()
+        if n == 0:
+            return mx.zeros((0,), dtype=mx.int32), None
+        return self.draft.propose(anchor, self.draft_cache, n, sampling, window)
+
+    def verify(self, block: mx.array) -> mx.array:
+        """One target forward over block [L] = anchor + drafts; logits [L, V] float/bf16.
+
+        Where mlx_lm would start quantizing the KV cache inside the block, the block
+        runs as two forwards split at that position, so every query sees the keys
+        mlx_lm's sequential decoding would."""
+        if self.rollback is None:
+            raise RuntimeError("verify before prefill")
+        L = block.size
+        self._verify = (self.offset, L)
+        self.rollback.checkpoint()
+        split = self.kv.start - self.offset if self.kv.bits is not None else 0
+        with routing.verifying():
+            if 0 < split < L and self._quantizable():
+                first = self._forward(block[:split])
+                features = self.tap.features()
+                self._unquantized = dict(enumerate(self.target_cache))
+                self.kv.apply(self.target_cache)
+                logits = mx.concatenate([first, self._forward(block[split:])])
+                self._features = mx.concatenate([features, self.tap.features()], axis=1)
+            else:
+                self._unquantized = {}
+                logits = self._forward(block)
+                self._features = self.tap.features()
+        self._after_verify = list(self.target_cache)
+        return logits
+
+    def _quantizable(self) -> bool:
+        return any(isinstance(c, KVCache) for c in self.target_cache)
+
+    def commit(self, n_keep: int) -> None:
+        """Keep the first n_keep block positions of the last verify (anchor included).
+        May be called again with a smaller n_keep until the next verify."""
+        start, L = self._verify
+        self.target_cache[:] = self._after_verify  # a second commit starts over
+        if self._unquantized and start + n_keep < self.kv.start:
+            # mlx_lm quantizes once its cache reaches kv.start: short of it, go on with
+            # the unquantized caches (the quantized copies served the block's tail only).
+            for i, c in self._unquantized.items():
+                self.target_cache[i] = c
+        self.rollback.commit(n_keep, L)
+        self.kv.apply(self.target_cache)
+        self._write_back()
+        self.offset = start + n_keep
+        self._pending = self._features[:, :n_keep] if n_keep else None
+
+    def state_arrays(self) -> list[Any]:
+        """What to evaluate to make the caches real (after a commit)."""
+        pending = [] if self._pending is None else [self._pending]
+        return [c.state for c in self.cache] + pending
+
+    def finish(self) -> None:
+        """Leave the draft cache holding the context of every fed position."""
+        self._flush()

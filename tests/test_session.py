@@ -1,0 +1,326 @@
+"""The verify session: exact output with processors, KV quantization and prompt caches,
+against mlx_lm's own generation; checked cache binding; exact rollback and draft context."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import write_random_draft
+from mlx_lm import load as mlx_lm_load
+from mlx_lm import stream_generate as mlx_lm_stream_generate
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache as mlx_lm_make_prompt_cache
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, make_logits_processors, make_sampler
+from test_generate import chi2_critical
+from tiny_models import FAMILIES, make_target
+
+from dflash_mlx import load_draft, make_prompt_cache, stream_generate
+from dflash_mlx.convert import convert
+from dflash_mlx.generate import dflash_cycles
+from dflash_mlx.sampling import SamplingParams
+from dflash_mlx.session import VerifySession, load_prompt_cache, save_prompt_cache
+
+PROMPT = [5, 17, 42, 7, 99, 3, 61, 28, 11]
+
+
+@pytest.fixture(scope="module")
+def pair(session_dir):
+    built = {}
+
+    def get(family, **overrides):
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in built:
+            name = "-".join([f"s-{family}"] + [f"{k}{v}" for k, v in sorted(overrides.items())])
+            target = make_target(session_dir / name, family, **overrides)
+            config = json.loads((target / "config.json").read_text())
+            config = config.get("text_config", config)
+            hf = write_random_draft(session_dir / f"{name}-draft-hf", config)
+            convert(str(hf), str(session_dir / f"{name}-draft"), dtype="float32")
+            built[key] = (target, session_dir / f"{name}-draft")
+        model, tokenizer = mlx_lm_load(str(built[key][0]))
+        return model, tokenizer, load_draft(built[key][1])
+
+    return get
+
+
+def mlx_lm_tokens(model, prompt, n, **kw):
+    gen = generate_step(mx.array(prompt), model, **kw)
+    return [int(t) for t, _ in zip((t for t, _ in gen), range(n))]
+
+
+def dflash_tokens(model, draft, prompt, n, **kw):
+    out = []
+    for cycle in dflash_cycles(model, draft, mx.array(prompt), max_tokens=n, **kw):
+        out += cycle.tokens
+    return out[:n]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_repetition_penalty_equals_mlx_lm_every_family(pair, family):
+    """Processors see every prompt token, then each emitted token; a one-token prompt too."""
+    model, _, draft = pair(family)
+    for prompt in (PROMPT, [PROMPT[0]]):
+        processors = make_logits_processors(repetition_penalty=3.0, repetition_context_size=20)
+        expected = mlx_lm_tokens(model, prompt, 40, logits_processors=processors)
+        processors = make_logits_processors(repetition_penalty=3.0, repetition_context_size=20)
+        got = dflash_tokens(model, draft, prompt, 40, logits_processors=processors, block_size=6)
+        assert got == expected, (family, len(prompt))
+
+
+def _exact_distribution(model, prompt, prefix, temp, top_k, min_p, processors):
+    """float64 probabilities of mlx_lm's sampler after prompt + prefix (processors as
+    sequential decoding applies them), from a plain forward of the whole sequence."""
+    ids = mx.array([prompt + prefix])
+    logits = model(ids)[:, -1]
+    for p in processors:
+        logits = p(mx.array(prompt + prefix), logits)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    logprobs = apply_min_p(logprobs, min_p)
+    logprobs = apply_top_k(logprobs, top_k)
+    scaled = np.array((logprobs * (1.0 / temp)).astype(mx.float32), dtype=np.float64)[0]
+    e = np.exp(scaled - scaled[np.isfinite(scaled)].max())
+    return e / e.sum()
+
+
+def test_sampled_joint_of_three_tokens_is_exact_bf16_filters_processors(session_dir):
+    """Chi-square of tokens 1-3 (filters + repetition penalty, bf16 target and draft)
+    against the exact distribution of mlx_lm's sequential sampler."""
+    from mlx_lm.models import qwen3
+
+    from dflash_mlx.config import DraftConfig
+    from dflash_mlx.drafter import DraftModel
+
+    V, temp, top_k, min_p = 16, 0.8, 4, 0.05
+    mx.random.seed(5)
+    model = qwen3.Model(
+        qwen3.ModelArgs(
+            model_type="qwen3",
+            hidden_size=32,
+            num_hidden_layers=4,
+            intermediate_size=64,
+            num_attention_heads=4,
+            rms_norm_eps=1e-6,
+            vocab_size=V,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rope_theta=10000.0,
+            head_dim=8,
+            tie_word_embeddings=False,
+        )
+    )
+    model.lm_head.weight = model.lm_head.weight * 3  # peaked enough that top-k/min-p bite
+    model.set_dtype(mx.bfloat16)
+    draft = DraftModel(
+        DraftConfig.from_dict(
+            {
+                "block_size": 3,
+                "dflash_config": {"mask_token_id": V - 1, "target_layer_ids": [1, 2]},
+                "num_target_layers": 4,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "head_dim": 8,
+                "vocab_size": V,
+                "rope_theta": 10000.0,
+            }
+        )
+    )
+    draft.set_dtype(mx.bfloat16)
+    mx.eval(model.parameters(), draft.parameters())
+    prompt = [3, 9, 3]
+
+    def processors():
+        return make_logits_processors(repetition_penalty=1.8, repetition_context_size=20)
+
+    exact = {}
+    p1 = _exact_distribution(model, prompt, [], temp, top_k, min_p, processors())
+    for a in np.flatnonzero(p1):
+        p2 = _exact_distribution(model, prompt, [int(a)], temp, top_k, min_p, processors())
+        for b in np.flatnonzero(p2):
+            p3 = _exact_distribution(
+                model, prompt, [int(a), int(b)], temp, top_k, min_p, processors()
+            )
+            for c in np.flatnonzero(p3):
+                exact[(int(a), int(b), int(c))] = p1[a] * p2[b] * p3[c]
+
+    n = 1500
+    mx.random.seed(11)
+    sampling = SamplingParams(temp=temp, top_k=top_k, min_p=min_p)
+    counts = Counter()
+    for _ in range(n):
+        toks = dflash_tokens(
+            model, draft, prompt, 3, sampling=sampling, logits_processors=processors()
+        )
+        counts[tuple(toks)] += 1
+    impossible = sum(v for k, v in counts.items() if k not in exact)
+    assert impossible == 0, f"{impossible} samples where the exact distribution has none"
+    cells = sorted(exact)
+    expected = [exact[k] * n for k in cells]
+    big = [i for i, e in enumerate(expected) if e >= 5]
+    obs = [counts[cells[i]] for i in big] + [n - sum(counts[cells[i]] for i in big)]
+    exp = [expected[i] for i in big] + [n - sum(expected[i] for i in big)]
+    chi2 = sum((o - e) ** 2 / e for o, e in zip(obs, exp) if e > 0)
+    assert chi2 < chi2_critical(len(obs) - 1), (chi2, len(obs) - 1)
+
+
+def _turns(gen, model, tokenizer, cache, draft=None, n1=13, n2=20):
+    """Two chat turns on one prompt cache; the second turn's tokens."""
+    first = tokenizer.encode("Hello, world! What is")
+    second = tokenizer.encode(" the answer? 42.")
+    args = (model, draft, tokenizer) if draft is not None else (model, tokenizer)
+    list(gen(*args, first, max_tokens=n1, prompt_cache=cache))
+    return [r.token for r in gen(*args, second, max_tokens=n2, prompt_cache=cache)]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "qwen3_5"])
+def test_prompt_cache_second_turn_equals_mlx_lm(pair, family, tmp_path):
+    """Dense, rotating (gemma3's sliding layers wrap at 32) and hybrid targets; the
+    cache also survives a save / load between the turns."""
+    model, tokenizer, draft = pair(family)
+    expected = _turns(mlx_lm_stream_generate, model, tokenizer, mlx_lm_make_prompt_cache(model))
+    got = _turns(stream_generate, model, tokenizer, make_prompt_cache(model, draft), draft)
+    assert got == expected
+
+    # Turn 1, save, load, turn 2: same as keeping the cache in memory.
+    cache = make_prompt_cache(model, draft)
+    first = tokenizer.encode("Hello, world! What is")
+    list(stream_generate(model, draft, tokenizer, first, max_tokens=13, prompt_cache=cache))
+    save_prompt_cache(str(tmp_path / "c.safetensors"), cache, model, draft, {"turn": "1"})
+    loaded, meta = load_prompt_cache(str(tmp_path / "c.safetensors"), model, draft)
+    assert meta == {"turn": "1"}
+    second = tokenizer.encode(" the answer? 42.")
+    got = [
+        r.token
+        for r in stream_generate(
+            model, draft, tokenizer, second, max_tokens=20, prompt_cache=loaded
+        )
+    ]
+    assert got == expected
+
+
+def test_prompt_cache_file_refuses_another_pair(pair, tmp_path):
+    model, _, draft = pair("qwen3")
+    other, _, _ = pair("qwen3", seed=1)
+    cache = make_prompt_cache(model, draft)
+    list(stream_generate(model, draft, pair("qwen3")[1], PROMPT, max_tokens=3, prompt_cache=cache))
+    path = str(tmp_path / "c.safetensors")
+    save_prompt_cache(path, cache, model, draft)
+    with pytest.raises(ValueError, match="another target"):
+        load_prompt_cache(path, other, draft)
+    with pytest.raises(ValueError, match="entries"):
+        stream_generate_list = list(
+            stream_generate(model, draft, pair("qwen3")[1], PROMPT, prompt_cache=cache[:-1])
+        )
+        del stream_generate_list
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kv_bits_equal_mlx_lm(pair, bits):
+    """mlx_lm starts quantizing at quantized_kv_start; a block straddling it is split."""
+    model, tokenizer, draft = pair("qwen3", head_dim=32)
+    kw = {"kv_bits": bits, "kv_group_size": 32, "quantized_kv_start": 14}
+    expected = [
+        r.token for r in mlx_lm_stream_generate(model, tokenizer, PROMPT, max_tokens=40, **kw)
+    ]
+    got = [
+        r.token
+        for r in stream_generate(model, draft, tokenizer, PROMPT, max_tokens=40, block_size=6, **kw)
+    ]
+    assert got == expected
+    # And a second turn on a prompt cache that is quantized by now.
+    cache_a, cache_b = mlx_lm_make_prompt_cache(model), make_prompt_cache(model, draft)
+    expected = _turns(
+        lambda *a, **k: mlx_lm_stream_generate(*a, **k, **kw), model, tokenizer, cache_a
+    )
+    got = _turns(lambda *a, **k: stream_generate(*a, **k, **kw), model, tokenizer, cache_b, draft)
+    assert got == expected
+
+
+def test_cache_list_that_does_not_match_the_layers_is_a_clear_error(pair):
+    model, _, draft = pair("qwen3")
+    layers = len(model.layers)
+    for n in (layers - 1, layers + 1):
+        model.make_cache = lambda n=n: [
+            mlx_lm_make_prompt_cache.__globals__["KVCache"]() for _ in range(n)
+        ]
+        with pytest.raises(ValueError, match="does not match"):
+            dflash_tokens(model, draft, PROMPT, 5)
+        del model.make_cache
+    assert "_dflash_hook" not in model.layers[0].__dict__  # hooks undone after the error
+
+
+def test_gated_delta_rollback_is_the_verify_state_at_the_accepted_position(pair):
+    """After commit(n), every recurrent state equals the state mlx_lm's own layer
+    reaches on the prompt followed by those n tokens as one chunk."""
+    model, _, draft = pair("qwen3_5")
+    block = mx.array([4, 8, 15, 16, 23, 42], dtype=mx.int32)
+    for n_keep in (1, 3, 6):
+        with VerifySession(model, draft) as session:
+            session.prefill(mx.array(PROMPT))
+            session.verify(block)
+            session.commit(n_keep)
+            got = [c.state for c in session.target_cache]
+        reference = mlx_lm_make_prompt_cache(model)
+        model(mx.array([PROMPT[:-1]]), cache=reference)
+        model(mx.array([PROMPT[-1:]]), cache=reference)
+        model(block[None, :n_keep], cache=reference)
+        for g, r in zip(got, reference):
+            if isinstance(g, list):  # ArraysCache: conv state, recurrent state
+                assert all(mx.array_equal(a, b).item() for a, b in zip(g, r.state))
+
+
+def test_draft_context_in_the_cache_buffer_is_bit_identical_to_concatenation(pair):
+    """The block's keys/values written after the context and trimmed give exactly what
+    concatenating them to the context gave."""
+    from dflash_mlx.kernels import block_attention
+
+    _, _, draft = pair("qwen3")
+    H = draft.config.hidden_size
+    n_taps = len(draft.config.target_layer_ids)
+    mx.random.seed(2)
+    ctx = mx.random.normal((1, 40, n_taps * H))
+    x = mx.random.normal((1, 8, H))
+    cache = draft.make_cache()
+    for start in (0, 17, 29):  # context arrives in pieces, blocks run in between
+        draft.add_context(ctx[:, start : {0: 17, 17: 29, 29: 40}[start]], cache)
+        layer = draft.layers[0]
+        got = layer.self_attn(layer.input_layernorm(x), draft.rope, cache[0], None)
+        # The concatenating formulation, from the layer's own projections.
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        o = cache[0].offset
+        q = attn.q_proj(h).reshape(1, 8, attn.n_heads, -1)
+        q = draft.rope(attn.q_norm(q).transpose(0, 2, 1, 3), offset=o)
+        k, v = attn._kv(h)
+        k = mx.concatenate([cache[0].keys[..., :o, :], draft.rope(k, offset=o)], axis=2)
+        v = mx.concatenate([cache[0].values[..., :o, :], v], axis=2)
+        out = block_attention(q, k, v, scale=attn.scale, causal=attn.causal, window=attn.window)
+        want = attn.o_proj(out.transpose(0, 2, 1, 3).reshape(1, 8, -1))
+        assert mx.array_equal(got, want).item()
+        assert cache[0].offset == o  # the block did not stay
+
+
+def test_api_errors_are_clear(pair):
+    model, tokenizer, draft = pair("qwen3")
+    with pytest.raises(ValueError, match="temp="):
+        list(stream_generate(model, draft, tokenizer, PROMPT, sampler=make_sampler(temp=0.5)))
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        list(stream_generate(model, draft, tokenizer, mx.array([PROMPT, PROMPT])))
+    with pytest.raises(ValueError, match="finite"):
+        list(stream_generate(model, draft, tokenizer, PROMPT, temp=float("nan")))
+    # mlx_lm's greedy sampler is what temp=0 means: accepted.
+    from mlx_lm.sample_utils import greedy_sampler
+
+    got = [
+        r.token
+        for r in stream_generate(
+            model, draft, tokenizer, PROMPT, max_tokens=5, sampler=greedy_sampler
+        )
+    ]
+    assert got == mlx_lm_tokens(model, PROMPT, 5)
