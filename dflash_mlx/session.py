@@ -300,10 +300,28 @@ class VerifySession:
                 self._features = mx.concatenate([features, self.tap.features()], axis=1)
             else:
                 self._unquantized = {}
-                logits = self._forward(block)
+                sinks = self._sink_masks(L) if L > 1 else []
+                for c in sinks:
+                    c.make_mask = lambda N, c=c, **_: _decode_window_mask(c, N)
+                try:
+                    logits = self._forward(block)
+                finally:
+                    for c in sinks:
+                        del c.make_mask
                 self._features = self.tap.features()
         self._after_verify = list(self.target_cache)
         return logits
+
+    def _sink_masks(self, L: int) -> list[RotatingKVCache]:
+        """Rotating caches with sink tokens (mlx_lm's max_kv_size) whose window the
+        block would pass: mlx_lm decodes those one token at a time, each query seeing
+        the sinks and the last max_size - keep positions, but its multi-token mask is a
+        plain window. The verify must see what decoding sees (`_decode_window_mask`)."""
+        return [
+            c
+            for c in self.target_cache
+            if isinstance(c, RotatingKVCache) and c.keep > 0 and c.offset + L > c.max_size
+        ]
 
     def _quantizable(self) -> bool:
         return any(isinstance(c, KVCache) for c in self.target_cache)
@@ -332,3 +350,42 @@ class VerifySession:
     def finish(self) -> None:
         """Leave the draft cache holding the context of every fed position."""
         self._flush()
+
+
+def _decode_window_mask(cache: RotatingKVCache, N: int) -> mx.array:
+    """[N, S] mask over the keys a multi-token update of `cache` returns (taken before
+    the update), giving query i what one-token decoding at its position would see:
+    the `keep` sink positions and the last max_size - keep positions up to itself."""
+    o, M, keep = cache.offset, cache.max_size, cache.keep
+    old = min(o, M - 1)  # positions kept before the new ones, in temporal order
+    j = mx.arange(old + N)
+    if o >= M - 1:  # sinks, then the most recent old - keep positions, then the block
+        pos = mx.where(j < keep, j, o - old + j)
+    else:
+        pos = j
+    query = (o + mx.arange(N))[:, None]
+    pos = pos[None]
+    return (pos <= query) & ((pos < keep) | (pos > query - (M - keep)))
+
+
+def prefill_prompt_cache(
+    model: nn.Module,
+    draft: DraftModel,
+    prompt: mx.array | list[int],
+    cache: list[Any],
+    prefill_step_size: int = 2048,
+    progress_callback: Callable[[int, int], None] | None = None,
+    **kv: Any,
+) -> None:
+    """Feed a whole prompt into a DFlash prompt cache, as `mlx_lm.cache_prompt` does for
+    mlx_lm's: afterwards the cache holds every prompt token (the target's caches and
+    the draft's context), ready for `stream_generate(..., prompt_cache=cache)` with the
+    next tokens. `kv` takes max_kv_size / kv_bits / kv_group_size / quantized_kv_start."""
+    prompt = mx.array(prompt) if not isinstance(prompt, mx.array) else prompt
+    if prompt.size == 0:
+        raise ValueError("the prompt is empty")
+    with VerifySession(model, draft, cache, **kv) as session:
+        # prefill keeps the last token apart (mlx_lm computes its logits alone); here it
+        # is just one more position to cache.
+        session.prefill(prompt, prefill_step_size, progress_callback)
+        mx.eval(session.state_arrays())

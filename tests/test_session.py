@@ -15,7 +15,7 @@ from mlx_lm import stream_generate as mlx_lm_stream_generate
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache as mlx_lm_make_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, make_logits_processors, make_sampler
-from test_generate import chi2_critical
+from test_generate import OracleDraft, chi2_critical
 from tiny_models import FAMILIES, make_target
 
 from dflash_mlx import load_draft, make_prompt_cache, stream_generate
@@ -324,3 +324,22 @@ def test_api_errors_are_clear(pair):
         )
     ]
     assert got == mlx_lm_tokens(model, PROMPT, 5)
+
+
+@pytest.mark.parametrize("max_kv_size", [64, 16])
+def test_max_kv_size_equals_mlx_lm(pair, max_kv_size):
+    """mlx_lm's rotating cache keeps 4 sink tokens when decoding past the window; the
+    verify sees exactly that (16: the 49 positions wrap three times). The oracle draft
+    gets whole blocks accepted, so every block position is emitted."""
+    model, tokenizer, draft = pair("qwen3")
+    kw = {"max_tokens": 40, "max_kv_size": max_kv_size}
+    expected = list(mlx_lm_stream_generate(model, tokenizer, PROMPT, **kw))
+    tokens = [r.token for r in expected]
+    oracle = OracleDraft(draft.config, PROMPT + tokens + [0] * 8, [None, 4, 1])
+    got = list(stream_generate(model, oracle, tokenizer, PROMPT, block_size=6, **kw))
+    assert [r.token for r in got] == tokens
+    assert max(r.accepted for r in got) == 5
+    # Same logits up to the order of summation over the rotated keys (a dropped sink
+    # would move them by whole units).
+    err = max(mx.abs(a.logprobs - b.logprobs).max().item() for a, b in zip(got, expected))
+    assert err < 1e-4
