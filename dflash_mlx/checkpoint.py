@@ -10,7 +10,9 @@ from mlx import nn
 from mlx.utils import tree_flatten
 
 from .config import DraftConfig, load_config
+from .dflash2 import DFlash2DraftModel
 from .drafter import DraftModel
+from .gguf import read_gguf
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 _FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
@@ -58,7 +60,7 @@ def _weight_files(path: Path) -> list[Path]:
     if not files:
         files = sorted(p for ext in ("*.bin", "*.pt", "*.pth") for p in path.glob(ext))
     if not files:
-        raise CheckpointError(f"no weights (*.safetensors, *.bin, *.pt) in {path}")
+        raise CheckpointError(f"no weights (*.safetensors, *.bin, *.pt, *.gguf) in {path}")
     return files
 
 
@@ -99,7 +101,22 @@ def read_weights(path: Path) -> dict[str, mx.array]:
     return weights
 
 
-def validate(model: DraftModel, weights: dict[str, mx.array]) -> None:
+# transformers' own save_pretrained of a DFlash2DraftModel built outside from_pretrained
+# writes the codebooks as Embedding weights; z-lab's checkpoints store them bare.
+_CODEBOOKS = ("candidate_selector.predecessor_codebook", "candidate_selector.successor_codebook")
+
+
+def normalise_names(config: DraftConfig, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Checkpoint names as the model names its parameters (the codebooks as stored)."""
+    if not config.is_dflash2:
+        return weights
+    for name in _CODEBOOKS:
+        if f"{name}.weight" in weights and name not in weights:
+            weights[name] = weights.pop(f"{name}.weight")
+    return weights
+
+
+def validate(model: DraftModel | DFlash2DraftModel, weights: dict[str, mx.array]) -> None:
     """Every key present, none extra, every shape and dtype as the config implies."""
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
@@ -127,13 +144,19 @@ def validate(model: DraftModel, weights: dict[str, mx.array]) -> None:
         raise CheckpointError("draft checkpoint does not match its config: " + "; ".join(problems))
 
 
-def _quantize(model: DraftModel, group_size: int, bits: int, weights: dict | None = None):
-    def predicate(path: str, module: nn.Module) -> bool:
+def _quantize(model: nn.Module, group_size: int, bits: int, weights: dict | None = None):
+    def predicate(path: str, module: nn.Module) -> bool | dict:
         if not hasattr(module, "to_quantized"):
             return False
         if weights is not None:  # loading: follow what was saved
-            return f"{path}.scales" in weights
+            if f"{path}.scales" not in weights:
+                return False
+            # mlx_lm's per-layer overrides (GGUF files mix Q4_0 and Q8_0 layers)
+            override = (config_q or {}).get(path)
+            return dict(override) if isinstance(override, dict) else True
         return module.weight.shape[-1] % group_size == 0
+
+    config_q = model.config.quantization if weights is not None else None
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
 
@@ -143,9 +166,10 @@ def build(
     weights: dict[str, mx.array],
     dtype: mx.Dtype | None = None,
     quantize: tuple[int, int] | None = None,
-) -> DraftModel:
+) -> DraftModel | DFlash2DraftModel:
     """A validated draft from config + weights; cast to `dtype`; quantize=(group, bits)."""
-    model = DraftModel(config)
+    model = DFlash2DraftModel(config) if config.is_dflash2 else DraftModel(config)
+    weights = normalise_names(config, weights)
     if config.quantization:
         q = config.quantization
         _quantize(model, q["group_size"], q["bits"], weights)
@@ -166,6 +190,50 @@ def build(
     return model
 
 
+def _hub_gguf(repo: str, filename: str | None = None) -> Path | None:
+    """A GGUF draft from the Hub: `filename` in `repo`, or the repo's only .gguf file
+    (None when it has none). GGUF repos hold one file per quantization, so only the
+    chosen one is fetched."""
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    try:
+        if filename is None:
+            files = sorted(f for f in list_repo_files(repo) if f.endswith(".gguf"))
+            if not files:
+                return None
+            if len(files) > 1:
+                raise CheckpointError(
+                    f"'{repo}' holds several GGUF files {files}: give one as {repo}/<file>.gguf"
+                )
+            filename = files[0]
+        return Path(hf_hub_download(repo, filename))
+    except CheckpointError:
+        raise
+    except Exception as e:  # the hub raises many kinds; the user needs the reason
+        raise CheckpointError(f"could not fetch '{repo}/{filename}' from the Hub: {e}") from e
+
+
 def read(path_or_repo: str | Path) -> tuple[DraftConfig, dict[str, mx.array]]:
+    """Config and weights of an HF checkpoint dir, a converted dir, a Hub id, or a
+    llama.cpp GGUF draft: a .gguf file, a directory (or Hub repo) whose only weights are
+    one .gguf file, or `owner/name/file.gguf` on the Hub."""
+    path, text = Path(path_or_repo), str(path_or_repo)
+    if path.is_file() and path.suffix == ".gguf":
+        return read_gguf(path)
+    hub_file = text.endswith(".gguf") and text.count("/") == 2
+    if hub_file and not path.exists() and not text.startswith((".", "/", "~")):
+        repo, filename = text.rsplit("/", 1)
+        return read_gguf(_hub_gguf(repo, filename))
     path = resolve(path_or_repo)
+    patterns = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+    if not any(next(path.glob(p), None) for p in patterns):
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) > 1:
+            raise CheckpointError(
+                f"{path} holds several GGUF files {[f.name for f in ggufs]}: give the file"
+            )
+        if ggufs:
+            return read_gguf(ggufs[0])
+        if not Path(path_or_repo).exists() and (file := _hub_gguf(text)) is not None:
+            return read_gguf(file)
     return load_config(path), read_weights(path)

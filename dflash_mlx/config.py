@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,14 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A draft config.json is missing a field or contradicts itself."""
+
+
+# z-lab's two published draft architectures. DFlash 2 wraps every layer's attention and
+# MLP in a grouped dynamic causal convolution and ends in a candidate selector.
+DFLASH = "DFlashDraftModel"
+DFLASH2 = "DFlash2DraftModel"
+ARCHITECTURES = (DFLASH, DFLASH2)
+_DFLASH2_FIELDS = ("conv_kernel_size", "conv_group_size", "selector_rank", "selector_top_k")
 
 
 def build_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -42,10 +51,35 @@ class DraftConfig:
     layer_types: list[str] = field(default_factory=list)
     sliding_window: int | None = None
     quantization: dict | None = None
+    architecture: str = DFLASH
+    # Gemma-4-style drafts: logits = softcap(lm_head(h) * output_multiplier); block input
+    # = target embedding * the target's own embedding scale * input_embedding_scale.
+    final_logit_softcapping: float | None = None
+    input_embedding_scale: float = 1.0
+    output_multiplier: float = 1.0
+    # None: sliding layers causal, full layers bidirectional; True/False: every layer.
+    is_causal: bool | None = None
+    # DFlash 2 only.
+    conv_kernel_size: int | None = None
+    conv_group_size: int | None = None
+    selector_rank: int | None = None
+    selector_top_k: int | None = None
+    # True when num_target_layers was not recorded (llama.cpp GGUF drafts) but guessed.
+    num_target_layers_inferred: bool = False
 
     @property
     def num_taps(self) -> int:
         return len(self.target_layer_ids)
+
+    @property
+    def is_dflash2(self) -> bool:
+        return self.architecture == DFLASH2
+
+    def layer_causal(self, layer_type: str) -> bool:
+        """Whether a layer of this kind masks the block causally (as z-lab's runtimes)."""
+        if self.is_causal is not None:
+            return self.is_causal
+        return layer_type == "sliding_attention"
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DraftConfig:
@@ -57,6 +91,14 @@ class DraftConfig:
         archs = raw.get("architectures")
         if archs is not None and not any("DFlash" in a for a in archs):
             raise ConfigError(f"draft config 'architectures' is {archs}: not a DFlash draft model")
+        architecture = DFLASH
+        if archs is not None:
+            known = [a for a in archs if a in ARCHITECTURES]
+            if not known:
+                raise ConfigError(
+                    f"draft config 'architectures' is {archs}: supported are {list(ARCHITECTURES)}"
+                )
+            architecture = known[0]
         dflash = raw.get("dflash_config") or {}
         if not isinstance(dflash, dict):
             raise ConfigError("draft config 'dflash_config' must be an object")
@@ -135,6 +177,8 @@ class DraftConfig:
             sliding_window = None
 
         head_dim = raw.get("head_dim") or hidden_size // num_heads
+        vocab_size = int(need("vocab_size"))
+        extras = _draft_extras(raw, dflash, architecture, hidden_size, vocab_size)
         return cls(
             hidden_size=hidden_size,
             intermediate_size=int(need("intermediate_size")),
@@ -142,7 +186,7 @@ class DraftConfig:
             num_attention_heads=num_heads,
             num_key_value_heads=int(raw.get("num_key_value_heads") or num_heads),
             head_dim=int(head_dim),
-            vocab_size=int(need("vocab_size")),
+            vocab_size=vocab_size,
             block_size=int(block_size),
             mask_token_id=int(mask_token_id),
             target_layer_ids=layer_ids,
@@ -155,21 +199,102 @@ class DraftConfig:
             layer_types=list(layer_types),
             sliding_window=sliding_window,
             quantization=raw.get("quantization"),
+            architecture=architecture,
+            num_target_layers_inferred=bool(dflash.get("num_target_layers_inferred", False)),
+            **extras,
         )
 
     def to_dict(self) -> dict[str, Any]:
         """The HF layout published drafts use (so the PyTorch side reads it too)."""
         d = asdict(self)
-        d["architectures"] = ["DFlashDraftModel"]
+        d["architectures"] = [d.pop("architecture")]
         d["model_type"] = "qwen3"
         d["dflash_config"] = {
             "mask_token_id": d.pop("mask_token_id"),
             "target_layer_ids": d.pop("target_layer_ids"),
             "block_size": d["block_size"],
         }
+        # Where z-lab's configs keep them: dflash_config (is_causal at the top level);
+        # written only when set, so DFlash 1 configs stay as they were.
+        defaults = {"input_embedding_scale": 1.0, "output_multiplier": 1.0}
+        for key in ("final_logit_softcapping", *defaults, *_DFLASH2_FIELDS):
+            value = d.pop(key)
+            if value is not None and value != defaults.get(key):
+                d["dflash_config"][key] = value
+        if d.pop("num_target_layers_inferred"):
+            d["dflash_config"]["num_target_layers_inferred"] = True
+        if d["is_causal"] is None:
+            d.pop("is_causal")
         if d["quantization"] is None:
             d.pop("quantization")
         return d
+
+
+def _draft_extras(
+    raw: dict, dflash: dict, architecture: str, hidden_size: int, vocab_size: int
+) -> dict[str, Any]:
+    """The Gemma-4 and DFlash 2 fields, validated. As z-lab's loaders read them: from
+    dflash_config first, then the top level; is_causal from the top level."""
+
+    def value(key: str):
+        return dflash[key] if dflash.get(key) is not None else raw.get(key)
+
+    def number(key: str, default: float) -> float:
+        v = value(key)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"draft config '{key}' must be a finite number, got {v!r}")
+        if v <= 0:
+            raise ConfigError(f"draft config '{key}' must be positive, got {v!r}")
+        return float(v)
+
+    softcap = value("final_logit_softcapping")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise ConfigError(
+                f"draft config 'final_logit_softcapping' must be a number, got {softcap!r}"
+            )
+        if not math.isfinite(softcap) or softcap < 0:
+            raise ConfigError(
+                f"draft config 'final_logit_softcapping' must be >= 0 and finite, got {softcap!r}"
+            )
+        # z-lab applies the cap only when it is positive.
+        softcap = float(softcap) if softcap > 0 else None
+    is_causal = raw.get("is_causal")
+    if is_causal is not None and not isinstance(is_causal, bool):
+        raise ConfigError(
+            f"draft config 'is_causal' must be true, false or null, got {is_causal!r}"
+        )
+
+    out: dict[str, Any] = {
+        "final_logit_softcapping": softcap,
+        "input_embedding_scale": number("input_embedding_scale", 1.0),
+        "output_multiplier": number("output_multiplier", 1.0),
+        "is_causal": is_causal,
+    }
+    if architecture != DFLASH2:
+        return out
+    for key in _DFLASH2_FIELDS:
+        v = value(key)
+        if v is None:
+            raise ConfigError(f"DFlash 2 draft config is missing 'dflash_config.{key}'")
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ConfigError(
+                f"draft config 'dflash_config.{key}' must be a positive integer, got {v!r}"
+            )
+        out[key] = v
+    if hidden_size % out["conv_group_size"]:
+        raise ConfigError(
+            f"draft config 'dflash_config.conv_group_size' ({out['conv_group_size']}) "
+            f"does not divide hidden_size ({hidden_size})"
+        )
+    if out["selector_top_k"] > vocab_size:
+        raise ConfigError(
+            f"draft config 'dflash_config.selector_top_k' ({out['selector_top_k']}) "
+            f"exceeds vocab_size ({vocab_size})"
+        )
+    return out
 
 
 def _normalise_rope_scaling(scaling: dict | None) -> dict | None:

@@ -14,6 +14,7 @@ from mlx import nn
 from mlx_lm.models.cache import KVCache
 
 from .config import DraftConfig
+from .dflash2 import finish_logits, target_embed_scale
 from .kernels import block_attention
 from .rope import make_rope
 from .sampling import SamplingParams
@@ -36,7 +37,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
         # Published runtimes run sliding draft layers causally within their window;
         # full layers are bidirectional over the block.
-        self.causal = sliding
+        self.causal = config.layer_causal("sliding_attention" if sliding else "full_attention")
         self.window = config.sliding_window if sliding else None
 
     def _kv(self, x: mx.array) -> tuple[mx.array, mx.array]:
@@ -113,6 +114,7 @@ class DraftModel(nn.Module):
         # Bound from the target by `bind`; kept off the parameter tree.
         object.__setattr__(self, "_embed", None)
         object.__setattr__(self, "_lm_head", None)
+        object.__setattr__(self, "_embed_scale", config.input_embedding_scale)
 
     @property
     def block_size(self) -> int:
@@ -123,17 +125,22 @@ class DraftModel(nn.Module):
         return self.config.mask_token_id
 
     def bind_head(
-        self, embed: Callable[[mx.array], mx.array], lm_head: Callable[[mx.array], mx.array]
+        self,
+        embed: Callable[[mx.array], mx.array],
+        lm_head: Callable[[mx.array], mx.array],
+        embed_scale: float = 1.0,
     ) -> DraftModel:
-        """Share the target's token embedding and LM head."""
+        """Share the target's token embedding and LM head; `embed_scale` is the target's
+        own embedding scale (the draft's input_embedding_scale comes on top)."""
         object.__setattr__(self, "_embed", embed)
         object.__setattr__(self, "_lm_head", lm_head)
+        object.__setattr__(self, "_embed_scale", embed_scale * self.config.input_embedding_scale)
         return self
 
     def bind(self, target: nn.Module) -> DraftModel:
         from .tap import embedding_and_head
 
-        return self.bind_head(*embedding_and_head(target))
+        return self.bind_head(*embedding_and_head(target), target_embed_scale(target))
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
@@ -141,12 +148,13 @@ class DraftModel(nn.Module):
     def embed(self, ids: mx.array) -> mx.array:
         if self._embed is None:
             raise RuntimeError("draft is not bound to a target: call draft.bind(model)")
-        return self._embed(ids)
+        h = self._embed(ids)
+        return h * self._embed_scale if self._embed_scale != 1.0 else h
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self._lm_head is None:
             raise RuntimeError("draft is not bound to a target: call draft.bind(model)")
-        return self._lm_head(hidden)
+        return finish_logits(self._lm_head(hidden), self.config)
 
     def add_context(self, context: mx.array, cache: list[KVCache]) -> None:
         """Append tapped target features [B, S, n_taps * H] to the draft's context cache.

@@ -1,12 +1,18 @@
 """Tiny random DFlash drafts written in the published HF format.
 
-Three config styles, as the published drafts write them:
+Config styles, as the published drafts write them:
 - "qwen3_b16": Qwen3-8B-DFlash-b16 style: block_size at the top level, flat rope_theta,
   all full attention.
 - "qwen35": Qwen3.5/3.6 style: block_size inside dflash_config, layer_types mixing
   sliding_attention and full_attention with a sliding_window shorter than the test
   context, yarn RoPE in nested rope_parameters (transformers 5 layout).
 - "llama31": LLaMA-3.1-8B-Instruct style: rope_scaling llama3, rope_theta 500000.
+And two newer ones:
+- "dflash2": Qwen3.8-27B-DFlash2 style (architectures ["DFlash2DraftModel"]): every
+  layer sliding, is_causal false, the DFlash 2 fields in dflash_config, the codebooks
+  stored bare, as z-lab's DFlash2DraftModel checkpoints hold them (tiny vocab 512).
+- "gemma4": gemma-4-31B-it-DFlash style DFlash draft: final_logit_softcapping 30, mixed
+  sliding/full layers, plus input_embedding_scale and output_multiplier (tiny vocab).
 
 Mask ids: by default each style keeps its real mask id and real vocab_size (151669 /
 151936, 248070 / 248320, 128002 / 128256). The draft has no embedding or head, so the
@@ -25,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .model import ReferenceDraft
+from .model import make_reference
 
 _COMMON = {
     "architectures": ["DFlashDraftModel"],
@@ -86,6 +92,60 @@ STYLES: dict[str, dict] = {
         },
         "vocab_size": 248320,
     },
+    # Qwen3.8-27B-DFlash2 style (z-lab's DFlash 2): every layer sliding, is_causal false,
+    # conv kernel 2 over groups of 16 channels, selector rank 256 / top-16 (tiny here).
+    "dflash2": {
+        "architectures": ["DFlash2DraftModel"],
+        "auto_map": {"AutoModel": "dflash.DFlash2DraftModel"},
+        "dflash_config": {
+            "block_size": 8,
+            "mask_token_id": 500,
+            "target_layer_ids": [5, 19, 33, 47, 61],
+            "conv_kernel_size": 2,
+            "conv_group_size": 16,
+            "selector_rank": 8,
+            "selector_top_k": 6,
+        },
+        "is_causal": False,
+        "num_target_layers": 64,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 262144,
+        "layer_types": ["sliding_attention", "sliding_attention"],
+        "sliding_window": 12,
+        "rope_theta": 10000000,
+        "vocab_size": 512,
+    },
+    # Gemma-4-31B-it-DFlash style: a DFlash draft with final_logit_softcapping 30,
+    # sliding and full layers; plus an embedding scale and output multiplier.
+    "gemma4": {
+        "dflash_config": {
+            "block_size": 16,
+            "mask_token_id": 4,
+            "target_layer_ids": [1, 12, 23, 35, 46, 57],
+            "final_logit_softcapping": 30.0,
+            "input_embedding_scale": 0.5,
+            "output_multiplier": 1.5,
+        },
+        "num_target_layers": 60,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 262144,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "sliding_window": 12,
+        "rope_theta": 1000000,
+        "vocab_size": 512,
+    },
     "llama31": {
         "block_size": 10,
         "dflash_config": {"mask_token_id": 128002, "target_layer_ids": [1, 8, 15, 22, 29]},
@@ -136,10 +196,17 @@ def random_state_dict(
     the residual stream (small: the draft mostly echoes its input embeddings)."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for name, p in ReferenceDraft(config).state_dict().items():
+    for name, p in make_reference(config).state_dict().items():
         noise = torch.randn(p.shape, generator=gen)
         if name.endswith("norm.weight"):
             state[name] = 1.0 + 0.1 * noise
+        elif name.endswith("base_kernel"):  # tap 0 near identity, the others small
+            state[name] = 0.3 * noise
+            state[name][:, 0] += 1.0
+        elif name.endswith("_codebook"):
+            state[name] = noise
+        elif name.endswith("kernel_projection.weight"):
+            state[name] = 0.3 * noise / p.shape[1] ** 0.5
         elif p.ndim == 2:
             scale = residual_scale if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
             state[name] = scale * noise / p.shape[1] ** 0.5

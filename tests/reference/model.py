@@ -91,6 +91,23 @@ class DraftSpec:
         )
         self.layer_types = raw.get("layer_types") or ["full_attention"] * self.num_layers
         self.sliding_window = raw.get("sliding_window")
+        # Gemma-4 / DFlash 2 fields, where z-lab's loaders look for them: dflash_config
+        # first, then the top level; is_causal at the top level.
+        value = lambda k, d=None: dflash[k] if dflash.get(k) is not None else raw.get(k, d)
+        self.architecture = (raw.get("architectures") or ["DFlashDraftModel"])[0]
+        self.final_logit_softcapping = value("final_logit_softcapping")
+        self.input_embedding_scale = float(value("input_embedding_scale", 1.0))
+        self.output_multiplier = float(value("output_multiplier", 1.0))
+        self.is_causal = raw.get("is_causal")
+        self.conv_kernel_size = value("conv_kernel_size")
+        self.conv_group_size = value("conv_group_size")
+        self.selector_rank = value("selector_rank")
+        self.selector_top_k = value("selector_top_k")
+        self.vocab_size = raw.get("vocab_size")
+
+    def causal(self, layer_type: str) -> bool:
+        """z-lab: is_causal when set, else sliding layers causal and full ones not."""
+        return layer_type == "sliding_attention" if self.is_causal is None else bool(self.is_causal)
 
 
 class RMSNorm(nn.Module):
@@ -232,17 +249,47 @@ class ReferenceDraft(nn.Module):
         sin = (angles.sin() * self.rope_scale).to(dtype)
         return cos, sin
 
-    def visibility(self, start: int, L: int, sliding: bool, context_window: int | None):
-        """Boolean [L, start+L]: may the query at start+i read the key at position j?"""
+    def visibility(
+        self,
+        start: int,
+        L: int,
+        sliding: bool,
+        context_window: int | None,
+        causal: bool | None = None,
+    ):
+        """Boolean [L, start+L]: may the query at start+i read the key at position j?
+        As z-lab's transformers mask: causal keeps k <= p; a window W keeps p - k < W
+        (and k - p < W when not causal)."""
         dev = self.fc.weight.device
+        causal = sliding if causal is None else causal
         p = torch.arange(start, start + L, device=dev)[:, None]
         k = torch.arange(start + L, device=dev)[None, :]
         visible = torch.ones(L, start + L, dtype=torch.bool, device=dev)
         if context_window is not None:  # only the newest context positions (block: always)
             visible &= k >= start - context_window
+        if causal:
+            visible &= k <= p
         if sliding:
-            visible &= (k <= p) & (k > p - self.spec.sliding_window)
+            W = self.spec.sliding_window
+            visible &= p - k < W
+            if not causal:
+                visible &= k - p < W
         return visible
+
+    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """z-lab's compute_logits after the head: output multiplier, then softcap."""
+        logits = logits * self.spec.output_multiplier
+        cap = self.spec.final_logit_softcapping
+        if cap is not None and float(cap) > 0:
+            logits = torch.tanh(logits / float(cap)) * float(cap)
+        return logits
+
+    def embed_block(
+        self, embedding: torch.Tensor, ids: torch.Tensor, target_scale: float = 1.0
+    ) -> torch.Tensor:
+        """Block input: the target's embedding rows times the target's own embedding
+        scale (sqrt(H) for Gemma 4) times the draft's input_embedding_scale."""
+        return F.embedding(ids, embedding) * (target_scale * self.spec.input_embedding_scale)
 
     def forward(
         self,
@@ -265,7 +312,8 @@ class ReferenceDraft(nn.Module):
         h = noise_embedding
         for i, layer in enumerate(self.layers):
             sliding = layer.self_attn.window is not None
-            visible = self.visibility(start, L, sliding, context_window)
+            kind = "sliding_attention" if sliding else "full_attention"
+            visible = self.visibility(start, L, sliding, context_window, self.spec.causal(kind))
             if cache is None:  # keys cover only [past, start+L) = [0, start+L)
                 visible = visible[:, past:]
             h = layer(h, ctx, cos, sin, cache, i, visible)
@@ -304,11 +352,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def make_reference(raw: dict) -> ReferenceDraft:
+    """ReferenceDraft, or ReferenceDFlash2 for architectures ["DFlash2DraftModel"]."""
+    if "DFlash2DraftModel" in (raw.get("architectures") or []):
+        from .dflash2 import ReferenceDFlash2
+
+        return ReferenceDFlash2(raw)
+    return ReferenceDraft(raw)
+
+
 def load_reference(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
 ) -> ReferenceDraft:
-    model = ReferenceDraft(read_config(path))
+    model = make_reference(read_config(path))
     model.load_state_dict(read_state_dict(path), strict=True)
     return model.to(device=device or default_device(), dtype=dtype).eval()
