@@ -73,7 +73,8 @@ class Tap:
 
             def record(call, layer, *args, _slot=slot, **kwargs):
                 out = call(layer, *args, **kwargs)
-                self._outputs[_slot] = out
+                # Gemma 4's layers return (hidden, shared K/V, offset): the hidden first.
+                self._outputs[_slot] = out[0] if isinstance(out, tuple) else out
                 return out
 
             patches.hook_call(self.layers[i], record)

@@ -21,12 +21,20 @@ family (for qwen3_5*, `model.model` is a property returning `model.language_mode
 | qwen3_5 (2)         | model.language_model.model.layers | tied                         |
 | qwen3_5_moe (2)     | model.language_model.model.layers | model.language_model.lm_head |
 | qwen3_next          | model.model.layers                | model.lm_head                |
+| gemma4_text         | model.model.layers                | tied (3)                     |
+| gemma4 (4)          | model.language_model.model.layers | tied (3)                     |
+| muse_glimmer        | model.model.layers                | model.lm_head (5)            |
 
 tied: logits = embed_tokens.as_linear(h), no lm_head module. (1) Gemma 3: no lm_head.weight
 is saved and mlx_lm's sanitize pops lm_head; gemma3_text also multiplies the embeddings
 by sqrt(hidden_size) inside the model.
 (2) config.json nests the language model's config under text_config (model_type
 qwen3_5_text / qwen3_5_moe_text), as the published checkpoints do; mlx_lm also reads it flat.
+(3) Gemma 4: embeddings * sqrt(hidden_size) inside the model, logits softcapped (tanh) at
+30; its layers return (hidden, K/V, offset). (4) Nested under text_config (gemma4_text);
+gemma4's Model has no `model` property: model.language_model.model.embed_tokens.
+(5) Muse Glimmer: RMS-normed (scaleless) embeddings; logits * output_multiplier, softcapped
+at 20. The Qwen3.8 family has no model type of its own: it is qwen3_5 (see QWEN3_8).
 
 Layers and caches (`mlx_lm.models.cache.make_prompt_cache(model)`), F = full attention
 (KVCache), S = sliding window 32 (RotatingKVCache), G = GatedDeltaNet (ArraysCache(2)):
@@ -36,6 +44,12 @@ Layers and caches (`mlx_lm.models.cache.make_prompt_cache(model)`), F = full att
 - gemma3_text: S S F S S F (sliding_window_pattern 3)
 - qwen3_5: G G G F (full_attention_interval 4)
 - qwen3_5_moe, qwen3_next: G G G F, every MLP a MoE 4/top-2 plus a shared expert
+- gemma4_text: S S F S S F (window 8), layers 4 and 5 KV-shared (no cache: they reuse
+  the K/V of layers 3 and 2), so 4 caches S S F S; per-layer input embeddings
+- gemma4: S S F S S F (window 16), K = V on the full layers, a MoE 4/top-2 beside
+  every MLP
+- muse_glimmer: S S S F (window 12), no RoPE on the full layer
+- qwen3_5 with QWEN3_8 (Qwen3.8): G G G F, untied lm_head, 3 value heads per key head
 
 Rows of the output head for the special tokens are scaled down, so greedy decoding of a
 random target does not stop on EOS (or emit a chat marker) by chance: tests that need a
@@ -69,6 +83,12 @@ FAMILIES = (
     "qwen3_5_moe",
     "qwen3_next",
 )
+
+# Families added for issue 14 (tests/test_new_families.py). The Qwen3.8 family is no
+# model type of its own: its checkpoints say model_type qwen3_5 (the Qwen3.5/3.6
+# architecture, Qwen3_5ForConditionalGeneration), so it is the qwen3_5 family with the
+# QWEN3_8 overrides below.
+NEW_FAMILIES = ("gemma4_text", "gemma4", "muse_glimmer")
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>")
 EOS_TOKEN = "<|endoftext|>"
@@ -135,6 +155,19 @@ _GATED_DELTA = {
     "partial_rotary_factor": 0.25,
 }
 
+_GEMMA4_ROPE = {
+    "full_attention": {
+        "partial_rotary_factor": 0.25,
+        "rope_theta": 1000000.0,
+        "rope_type": "proportional",
+    },
+    "sliding_attention": {
+        "partial_rotary_factor": 1.0,
+        "rope_theta": 10000.0,
+        "rope_type": "default",
+    },
+}
+
 _FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False},
     "mistral": {"architectures": ["MistralForCausalLM"], "tie_word_embeddings": False},
@@ -196,10 +229,73 @@ _FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         **_MOE,
         "shared_expert_intermediate_size": 64,
     },
+    # Gemma 4 E2B/E4B style: the last num_kv_shared_layers layers compute no K/V and
+    # have no cache; each reuses the K/V of the last earlier layer of its kind (here
+    # layer 4 those of layer 3, layer 5 those of layer 2). Per-layer input embeddings,
+    # double-wide MLPs on the shared layers, a window of 8 so the rotating caches wrap.
+    "gemma4_text": {
+        "architectures": ["Gemma4ForCausalLM"],
+        "tie_word_embeddings": True,
+        "num_hidden_layers": 6,
+        "global_head_dim": 32,
+        "sliding_window": 8,
+        "sliding_window_pattern": 3,  # S S F S S F
+        "num_kv_shared_layers": 2,
+        "hidden_size_per_layer_input": 16,
+        "vocab_size_per_layer_input": 256,
+        "use_double_wide_mlp": True,
+        "final_logit_softcapping": 30.0,
+        "rope_parameters": _GEMMA4_ROPE,
+    },
+    # Gemma 4 31B / 26B-A4B style, nested as the multimodal checkpoints are: full layers
+    # with K = V (attention_k_eq_v) and their own head size / KV heads, a MoE block
+    # beside every MLP, no KV sharing.
+    "gemma4": {
+        "architectures": ["Gemma4ForConditionalGeneration"],
+        "tie_word_embeddings": True,
+        "num_hidden_layers": 6,
+        "global_head_dim": 32,
+        "sliding_window": 16,
+        "sliding_window_pattern": 3,
+        "num_kv_shared_layers": 0,
+        "hidden_size_per_layer_input": 0,
+        "attention_k_eq_v": True,
+        "num_global_key_value_heads": 1,
+        "enable_moe_block": True,
+        "num_experts": 4,
+        "top_k_experts": 2,
+        "moe_intermediate_size": 32,
+        "final_logit_softcapping": 30.0,
+        "rope_parameters": _GEMMA4_ROPE,
+    },
+    # S S S F (RoPE on the sliding layers, none on the full one), gated attention,
+    # scaleless RMSNorm on the embeddings, logits * output_multiplier then softcapped.
+    "muse_glimmer": {
+        "architectures": ["MuseGlimmerForCausalLM"],
+        "tie_word_embeddings": False,
+        "sliding_window": 12,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "qk_scale_factor": 3.87,
+        "final_logit_softcapping": 20.0,
+        "output_multiplier": 0.19611613513818404,
+    },
+}
+
+# Qwen3.8-27B as mlx_lm reads it (model_type qwen3_5): an untied lm_head and three
+# GatedDeltaNet value heads per key head (48 / 16 in the 27B), G G G F.
+QWEN3_8 = {
+    "tie_word_embeddings": False,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 6,
+    "layer_types": ["linear_attention"] * 3 + ["full_attention"],
 }
 
 # Real Qwen3.5 checkpoints nest the language model's config under text_config.
-_NESTED = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+_NESTED = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text", "gemma4": "gemma4_text"}
+# Top-level fields a nested family's ModelArgs reads (gemma4's replaces the text config's
+# vocab_size with its own, 262144 by default).
+_TOP_LEVEL = {"gemma4": ("vocab_size",)}
 
 # The random init (tuned so that greedy decoding stays varied: with these, the first 64
 # greedy tokens of every family have 26+ distinct ids over seeds 0-7):
@@ -212,6 +308,8 @@ _NESTED = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 _EMBED_STD = 0.5
 _HEAD_STD = 2.0
 _QK_GAIN = 2.0
+_GEMMA4 = ("gemma4_text", "gemma4")
+_GEMMA4_POST_NORM = 4.0
 # Rows of the output head for the special tokens, scaled down.
 _SPECIAL_ROW_SCALE = 0.1
 
@@ -322,7 +420,7 @@ def make_tokenizer(
 def target_config(family: str, **overrides: Any) -> dict:
     """The config.json `make_target` writes for `family` (before quantization)."""
     if family not in _FAMILY_CONFIGS:
-        raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; known: {FAMILIES + NEW_FAMILIES}")
     text = {"model_type": family, "vocab_size": 256, **_COMMON}
     text.update(copy.deepcopy(_FAMILY_CONFIGS[family]))
     text.update(overrides)
@@ -337,6 +435,7 @@ def target_config(family: str, **overrides: Any) -> dict:
             "architectures": architectures,
             "model_type": family,
             "tie_word_embeddings": text["tie_word_embeddings"],
+            **{k: text[k] for k in _TOP_LEVEL.get(family, ())},
             "text_config": text,
         }
     return text
@@ -372,8 +471,15 @@ def _init_weights(model, text: dict, seed: int, family: str) -> None:
             w = np.log(rng.uniform(1.0, 16.0, shape))
         elif name.endswith("model.norm.weight"):
             w = rng.normal(0.0, 1.0, shape) - norm_offset
+        elif family in _GEMMA4 and ".post_" in name and name.endswith("layernorm.weight"):
+            # Gemma 4 norms each layer's output before the residual add, and the
+            # embeddings come in scaled by sqrt(H): unit post-norms leave the residual
+            # all embedding, and greedy output falls into loops like `a b a b`.
+            w = np.full(shape, _GEMMA4_POST_NORM)
         elif name.endswith(("q_norm.weight", "k_norm.weight")):
             w = np.full(shape, _QK_GAIN) - norm_offset
+        elif leaf in ("layer_scalar", "scale", "per_expert_scale"):
+            continue  # Gemma 4's layer and router scales: ones, so no layer is muted
         elif leaf in ("dt_bias", "sinks") or (p.ndim == 1 and "norm" in name):
             continue  # the module's own init (ones / zeros) is the real models' too
         elif leaf == "bias":
