@@ -2,7 +2,7 @@
 
     python benchmarks/demo_pair_parity.py [--prompts N] [--tokens N]
 
-Both run in float32 on the same held-out prompts (examples/demo/eval_prompts.jsonl); the
+Both run in float32 on the same held-out prompts (dflash_mlx/demo_pair/eval_prompts.jsonl); the
 reference uses transformers' Qwen3ForCausalLM for the target and tests/reference for the
 draft, independent of MLX.
 """
@@ -24,9 +24,8 @@ from reference.model import load_reference
 from transformers import Qwen3ForCausalLM
 
 from dflash_mlx import load_draft
+from dflash_mlx.demo import DEMO_DIR as DEMO
 from dflash_mlx.generate import dflash_cycles
-
-DEMO = ROOT / "examples" / "demo"
 
 
 def compare(n_prompts: int, n_tokens: int) -> dict:

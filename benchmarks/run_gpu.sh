@@ -54,9 +54,9 @@ case "$1" in
   DFLASH_BLOCK_ATTENTION=sdpa \
     step 150 python3 benchmarks/bench_cycle.py --shapes 8b --contexts 1024,16384 \
     --out "$out/cycle_sdpa.json"
-  step 100 python3 -m dflash_mlx.benchmark --prompts examples/demo/eval_prompts.jsonl \
+  step 100 python3 -m dflash_mlx.benchmark --prompts dflash_mlx/demo_pair/eval_prompts.jsonl \
     --max-prompts 16 -m 256 --ignore-chat-template --context 1024,3072 --json "$out/demo_context.json"
-  step 60 python3 -m dflash_mlx.benchmark --prompts examples/demo/eval_prompts.jsonl \
+  step 60 python3 -m dflash_mlx.benchmark --prompts dflash_mlx/demo_pair/eval_prompts.jsonl \
     --max-prompts 16 -m 256 --ignore-chat-template --json "$out/demo.json"
   ;;
 *)

@@ -35,9 +35,12 @@ from mlx_lm import stream_generate as mlx_lm_stream_generate
 from mlx_lm.generate import generate_step
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from . import demo
+from .convert import check_writable
 from .drafter import DraftModel
-from .generate import DEMO_DIR, dflash_cycles
+from .generate import dflash_cycles
 from .generate import stream_generate as dflash_stream_generate
+from .progress import Progress
 
 PROMPTS: dict[str, list[str]] = {
     "math": [
@@ -399,8 +402,12 @@ def benchmark(
     breakdown_cycles: int = 16,
     chat_template: bool = True,
     log: Callable[[str], None] = lambda s: None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Run every method on every prompt at every context; return the JSON-able result."""
+    """Run every method on every prompt at every context; return the JSON-able result.
+
+    On Ctrl-C the result holds every prompt finished so far, with "interrupted": True.
+    """
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     B = block_size or draft.block_size
@@ -423,70 +430,107 @@ def benchmark(
             "methods": methods,
             "contexts": list(contexts),
             "device": str(mx.default_device()),
+            "device_name": mx.device_info().get("device_name", ""),
             "mlx": mx.__version__,
         },
         "contexts": [],
+        "interrupted": False,
     }
+    if progress is not None:
+        per_context = len(methods) * (warmup + len(encoded) * repeats) + breakdown
+        progress.total = per_context * len(contexts)
+
+    def step(details: str) -> None:
+        if progress is not None:
+            progress.update(0, details)
+
+    def done() -> None:
+        if progress is not None:
+            progress.update(1)
+
     for ctx in contexts:
         items = [(s, pad_to_context(tokenizer, ids, ctx) if ctx else ids) for s, ids in encoded]
-        for method in methods:  # warm-up: compile kernels, size buffers
-            for _ in range(warmup):
-                runners[method](items[0][1])
-        per_prompt = []
-        for i, (suite, ids) in enumerate(items):
-            row: dict[str, Any] = {"suite": suite, "prompt_tokens": len(ids)}
-            for method in methods:
-                runs = [runners[method](ids) for _ in range(repeats)]
-                row[method] = {
-                    "prompt_tps": _median([r.prompt_tps for r in runs]),
-                    "generation_tps": _median([r.generation_tps for r in runs]),
-                    "generation_tokens": runs[-1].generation_tokens,
-                    "peak_memory_gb": max(r.peak_memory for r in runs),
-                    "tau": runs[-1].tau,
-                    "accepted": runs[-1].accepted,
-                }
-                if method != "target":
-                    base = row["target"]["generation_tps"]
-                    row[method]["speedup"] = row[method]["generation_tps"] / base if base else 0
-            per_prompt.append(row)
-            log(
-                f"ctx={ctx or len(ids)} {suite} #{i}: "
-                + "  ".join(f"{m} {row[m]['generation_tps']:.1f} tok/s" for m in methods)
-                + f"  tau {row['dflash']['tau']:.2f}"
-            )
-        entry: dict[str, Any] = {"context": ctx, "suites": {}, "prompts": per_prompt}
-        if breakdown:
-            probe = items[0][1]
-            bd = cycle_breakdown(model, draft, probe, cycles=breakdown_cycles, block_size=B)
-            bd["ar_step_ms"] = 1e3 * decode_step_time(model, probe)
-            bd["cycle_over_ar"] = bd["cycle_ms"] / bd["ar_step_ms"]
-            entry["breakdown"] = bd
-        for suite in dict.fromkeys(s for s, _ in items):
-            rows = [r for r in per_prompt if r["suite"] == suite]
-            summary: dict[str, Any] = {}
-            for method in methods:
-                accepted = [a for r in rows for a in r[method]["accepted"]]
-                m = {
-                    "prompt_tps": _median([r[method]["prompt_tps"] for r in rows]),
-                    "generation_tps": _median([r[method]["generation_tps"] for r in rows]),
-                    "peak_memory_gb": max(r[method]["peak_memory_gb"] for r in rows),
-                    "prompt_tokens": _median([r["prompt_tokens"] for r in rows]),
-                }
-                if method != "target":
-                    m["speedup"] = _median([r[method]["speedup"] for r in rows])
-                    m["tau"] = (sum(accepted) + len(accepted)) / len(accepted) if accepted else 1
-                    width = B if method == "dflash" else num_draft_tokens + 1
-                    m["acceptance_by_position"] = acceptance_by_position(accepted, width)
-                summary[method] = m
+        where = f"context {ctx}: " if ctx else ""
+        entry: dict[str, Any] = {"context": ctx, "suites": {}, "prompts": []}
+        try:
+            for method in methods:  # warm-up: compile kernels, size buffers
+                for _ in range(warmup):
+                    step(f"{where}warm-up, {method}")
+                    runners[method](items[0][1])
+                    done()
+            for i, (suite, ids) in enumerate(items):
+                row: dict[str, Any] = {"suite": suite, "prompt_tokens": len(ids)}
+                for method in methods:
+                    runs = []
+                    for r in range(repeats):
+                        step(
+                            f"{where}prompt {i + 1}/{len(items)} ({suite}, {len(ids)} tokens), "
+                            f"{method}, repeat {r + 1}/{repeats}"
+                        )
+                        runs.append(runners[method](ids))
+                        done()
+                    row[method] = {
+                        "prompt_tps": _median([r.prompt_tps for r in runs]),
+                        "generation_tps": _median([r.generation_tps for r in runs]),
+                        "generation_tokens": runs[-1].generation_tokens,
+                        "peak_memory_gb": max(r.peak_memory for r in runs),
+                        "tau": runs[-1].tau,
+                        "accepted": runs[-1].accepted,
+                    }
+                    if method != "target":
+                        base = row["target"]["generation_tps"]
+                        row[method]["speedup"] = row[method]["generation_tps"] / base if base else 0
+                entry["prompts"].append(row)
+                log(
+                    f"ctx={ctx or len(ids)} {suite} #{i}: "
+                    + "  ".join(f"{m} {row[m]['generation_tps']:.1f} tok/s" for m in methods)
+                    + f"  tau {row['dflash']['tau']:.2f}"
+                )
             if breakdown:
-                d = summary["dflash"]
-                bd = entry["breakdown"]
-                ideal = d["tau"] * bd["ar_step_ms"] / bd["model_ms"]
-                d["ideal_speedup"] = ideal
-                d["efficiency"] = d["speedup"] / ideal if ideal else 0.0
-            entry["suites"][suite] = summary
-        result["contexts"].append(entry)
+                step(f"{where}cycle breakdown ({breakdown_cycles} cycles)")
+                probe = items[0][1]
+                bd = cycle_breakdown(model, draft, probe, cycles=breakdown_cycles, block_size=B)
+                bd["ar_step_ms"] = 1e3 * decode_step_time(model, probe)
+                bd["cycle_over_ar"] = bd["cycle_ms"] / bd["ar_step_ms"]
+                entry["breakdown"] = bd
+                done()
+        except KeyboardInterrupt:
+            result["interrupted"] = True
+        if entry["prompts"]:
+            summarize(entry, methods, B, num_draft_tokens)
+            result["contexts"].append(entry)
+        if result["interrupted"]:
+            break
     return result
+
+
+def summarize(entry: dict[str, Any], methods: list[str], B: int, num_draft_tokens: int) -> None:
+    """Per-suite medians of the prompts in `entry` (and efficiency, given a breakdown)."""
+    per_prompt = entry["prompts"]
+    for suite in dict.fromkeys(r["suite"] for r in per_prompt):
+        rows = [r for r in per_prompt if r["suite"] == suite]
+        summary: dict[str, Any] = {}
+        for method in methods:
+            accepted = [a for r in rows for a in r[method]["accepted"]]
+            m = {
+                "prompt_tps": _median([r[method]["prompt_tps"] for r in rows]),
+                "generation_tps": _median([r[method]["generation_tps"] for r in rows]),
+                "peak_memory_gb": max(r[method]["peak_memory_gb"] for r in rows),
+                "prompt_tokens": _median([r["prompt_tokens"] for r in rows]),
+            }
+            if method != "target":
+                m["speedup"] = _median([r[method]["speedup"] for r in rows])
+                m["tau"] = (sum(accepted) + len(accepted)) / len(accepted) if accepted else 1
+                width = B if method == "dflash" else num_draft_tokens + 1
+                m["acceptance_by_position"] = acceptance_by_position(accepted, width)
+            summary[method] = m
+        if "breakdown" in entry:
+            d = summary["dflash"]
+            bd = entry["breakdown"]
+            ideal = d["tau"] * bd["ar_step_ms"] / bd["model_ms"]
+            d["ideal_speedup"] = ideal
+            d["efficiency"] = d["speedup"] / ideal if ideal else 0.0
+        entry["suites"][suite] = summary
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -495,10 +539,12 @@ def format_table(result: dict[str, Any]) -> str:
     head = f"{'context':>8} {'suite':<8} {'method':<9} {'prompt t/s':>10} {'gen t/s':>9} "
     head += f"{'speedup':>8} {'tau':>6} {'peak GB':>8} {'eff':>5}"
     lines.append(head)
+    has_eff = False
     for entry in result["contexts"]:
         for suite, summary in entry["suites"].items():
             for method in methods:
                 m = summary[method]
+                has_eff |= "efficiency" in m
                 ctx = entry["context"] or int(m["prompt_tokens"])
                 lines.append(
                     f"{ctx:>8} {suite:<8} {method:<9} {m['prompt_tps']:>10.1f} "
@@ -514,10 +560,55 @@ def format_table(result: dict[str, Any]) -> str:
                 f"which host {b['host_ms']:.2f} ms; cycle {b['cycle_ms']:.2f} ms = "
                 f"{b['cycle_over_ar']:.2f} x AR step {b['ar_step_ms']:.2f} ms"
             )
-        suite0 = next(iter(entry["suites"].values()))
-        acc = suite0["dflash"]["acceptance_by_position"]
-        lines.append("  dflash acceptance by position: " + " ".join(f"{a:.2f}" for a in acc))
+        for suite, summary in entry["suites"].items():
+            acc = " ".join(f"{a:.2f}" for a in summary["dflash"]["acceptance_by_position"])
+            lines.append(f"  dflash acceptance by block position, {suite}: {acc}")
+    if has_eff:
+        lines.append(
+            "  eff = speedup / (tau x AR step / cycle model time): the share of the speedup "
+            "the cycle's model math allows that the real loop delivers. The cycle is timed "
+            "with a barrier after each phase, which the real loop does not have, so eff can "
+            "exceed 1."
+        )
+    if result.get("interrupted"):
+        n = sum(len(e["prompts"]) for e in result["contexts"])
+        lines.append(f"  interrupted: partial results ({n} prompt(s) finished)")
     return "\n".join(lines)
+
+
+def plot_panels(result: dict[str, Any]) -> dict[str, Any]:
+    """What the plot shows: a title naming the run, and the panels worth drawing.
+
+    "acceptance": {suite: rates by block position} (first context); "speed": {method:
+    [(context, tok/s)]}, only with two or more contexts (one point is no curve).
+    """
+    st = result["settings"]
+    target, draft = (
+        f"demo {Path(p).name}" if demo.is_demo(p) else Path(str(p)).name
+        for p in (st.get("model"), st.get("draft_model"))
+    )
+    kind = st["device"].removeprefix("Device(").split(",")[0]  # "Device(gpu, 0)" -> "gpu"
+    device = f"{kind} ({st['device_name']})" if st.get("device_name") else kind
+    title = (
+        f"{target} with DFlash draft {draft} ({st.get('dtype', '?')}), block "
+        f"{st['block_size']}, {device}, {st['max_tokens']} new tokens"
+    )
+    panels: dict[str, Any] = {"title": title}
+    if result["contexts"]:
+        first = result["contexts"][0]["suites"]
+        panels["acceptance"] = {s: m["dflash"]["acceptance_by_position"] for s, m in first.items()}
+    if len(result["contexts"]) > 1:
+        panels["speed"] = {
+            method: [
+                (
+                    e["context"] or statistics.median(r["prompt_tokens"] for r in e["prompts"]),
+                    statistics.median(r[method]["generation_tps"] for r in e["prompts"]),
+                )
+                for e in result["contexts"]
+            ]
+            for method in st["methods"]
+        }
+    return panels
 
 
 def plot(result: dict[str, Any], path: str) -> None:
@@ -527,28 +618,24 @@ def plot(result: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    first = result["contexts"][0]
-    for suite, summary in first["suites"].items():
-        acc = summary["dflash"]["acceptance_by_position"]
-        ax1.plot(range(1, len(acc) + 1), acc, marker="o", label=suite)
-    ax1.set(xlabel="block position", ylabel="acceptance rate", title="DFlash acceptance")
-    ax1.set_ylim(0, 1.05)
-    ax1.legend()
-    xs = [
-        e["context"] or statistics.median(r["prompt_tokens"] for r in e["prompts"])
-        for e in result["contexts"]
-    ]
-    for method in result["settings"]["methods"]:
-        ys = [
-            statistics.median(r[method]["generation_tps"] for r in e["prompts"])
-            for e in result["contexts"]
-        ]
-        ax2.plot(xs, ys, marker="o", label=method)
-    ax2.set(xlabel="context (tokens)", ylabel="generation tok/s", title="Speed vs context")
-    if len(xs) > 1:
-        ax2.set_xscale("log", base=2)
-    ax2.legend()
+    panels = plot_panels(result)
+    shown = [k for k in ("acceptance", "speed") if k in panels]
+    fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4.2), squeeze=False)
+    for ax, kind in zip(axes[0], shown):
+        if kind == "acceptance":
+            for suite, acc in panels["acceptance"].items():
+                ax.plot(range(1, len(acc) + 1), acc, marker="o", label=suite)
+            ax.set(xlabel="block position", ylabel="acceptance rate", title="DFlash acceptance")
+            ax.set_xlim(left=0)
+            ax.set_ylim(0, 1.05)
+        else:
+            for method, points in panels["speed"].items():
+                ax.plot(*zip(*points), marker="o", label=method)
+            ax.set(xlabel="context (tokens)", ylabel="generation tok/s", title="Speed vs context")
+            ax.set_xlim(left=0)
+            ax.set_ylim(bottom=0)
+        ax.legend()
+    fig.suptitle(panels["title"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -567,23 +654,27 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-draft-model", help="mlx_lm draft model for the baseline run")
     p.add_argument("--num-draft-tokens", type=int, default=3, help="baseline draft tokens")
     p.add_argument(
-        "--suite", default="math,code,chat", help="built-in prompt sets: math, code, chat"
+        "--suite",
+        default=None,
+        help="built-in prompt sets: math, code, chat (default: all three; with the demo "
+        "pair, its held-out Python prompts instead)",
     )
     p.add_argument("--prompts", help="jsonl file of prompts (replaces --suite)")
     p.add_argument("--max-prompts", type=int, default=None, help="at most this many per suite")
-    p.add_argument("--max-tokens", "-m", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--max-tokens", "-m", type=int, default=128, help="tokens per generation")
+    p.add_argument("--repeats", type=int, default=3, help="runs per prompt (median kept)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per method first")
     p.add_argument("--block-size", type=int, default=None, help="default: the draft's")
     p.add_argument("--context", default=None, help="pad prompts to these lengths: 1024,4k,16k")
     p.add_argument("--no-breakdown", action="store_true", help="skip the cycle breakdown")
-    p.add_argument("--breakdown-cycles", type=int, default=16)
-    p.add_argument("--ignore-chat-template", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--breakdown-cycles", type=int, default=16, help="cycles timed in the breakdown")
+    p.add_argument("--ignore-chat-template", action="store_true", help="use prompts as raw text")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed")
     p.add_argument(
         "--json", nargs="?", const="-", default=None, help="write JSON to a file ('-': stdout)"
     )
     p.add_argument("--plot", default=None, help="write a PNG (needs matplotlib: the plot extra)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     return p
 
 
@@ -598,10 +689,38 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--block-size must be in 1…64, got {args.block_size}")
     if args.num_draft_tokens < 1:
         raise ValueError(f"--num-draft-tokens must be positive, got {args.num_draft_tokens}")
+    if args.max_prompts is not None and args.max_prompts < 1:
+        raise ValueError(f"--max-prompts must be positive, got {args.max_prompts}")
+    if args.breakdown_cycles < 1:
+        raise ValueError(f"--breakdown-cycles must be positive, got {args.breakdown_cycles}")
+    if args.prompts is not None and not Path(args.prompts).is_file():
+        raise ValueError(f"--prompts {args.prompts}: no such file")
+    # Outputs are checked now, not after a run that may take an hour.
+    for flag in ("json", "plot"):
+        path = getattr(args, flag)
+        if path is not None and path != "-":
+            if Path(path).is_dir():
+                raise ValueError(f"--{flag} {path} is a directory")
+            check_writable(Path(path))
+
+
+def _pair(args: argparse.Namespace) -> tuple[str, str]:
+    if args.model is not None and args.draft_model is None and not demo.is_demo(args.model):
+        raise ValueError("--model needs --draft-model: the demo draft fits the demo target only")
+    if args.draft_model is not None and args.model is None and not demo.is_demo(args.draft_model):
+        raise ValueError("--draft-model needs --model: the draft's target")
+    return args.model or str(demo.TARGET), args.draft_model or str(demo.DRAFT)
+
+
+def _write(path: str, text: str) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
+    result = None
     try:
         _check_args(args)
         if args.plot is not None:
@@ -612,7 +731,12 @@ def main(argv: list[str] | None = None) -> int:
                     "--plot needs matplotlib: pip install 'dflash-mlx[plot]' (or matplotlib)"
                 ) from None
         contexts = parse_contexts(args.context)
-        prompts = load_prompts([s.strip() for s in args.suite.split(",")], args.prompts)
+        model_path, draft_path = _pair(args)
+        prompts_file = args.prompts
+        if prompts_file is None and args.suite is None and demo.is_demo(model_path):
+            prompts_file = str(demo.EVAL_PROMPTS)  # the demo target writes Python only
+        suites = [s.strip() for s in (args.suite or "math,code,chat").split(",")]
+        prompts = load_prompts(suites, prompts_file)
         if args.max_prompts:
             kept: dict[str, int] = {}
             prompts = [
@@ -620,38 +744,46 @@ def main(argv: list[str] | None = None) -> int:
                 for s, p in prompts
                 if (kept.__setitem__(s, kept.get(s, 0) + 1) or kept[s]) <= args.max_prompts
             ]
-        if (args.model is None or args.draft_model is None) and not (DEMO_DIR / "target").exists():
-            raise ValueError("give --model and --draft-model (the demo pair is not installed)")
-        from mlx_lm import load as mlx_lm_load
+        from .loading import load, load_draft
 
-        from .loading import load_draft
-
+        progress = Progress(0, "benchmark", enabled=not args.no_progress)
+        progress.update(0, f"loading {model_path}")
         mx.random.seed(args.seed)
-        model, tokenizer = mlx_lm_load(args.model or str(DEMO_DIR / "target"))
-        draft = load_draft(args.draft_model or str(DEMO_DIR / "draft"))
+        model, tokenizer = load(model_path)
+        draft = load_draft(draft_path)
         baseline = None
         if args.baseline_draft_model:
-            baseline, _ = mlx_lm_load(args.baseline_draft_model)
-        result = benchmark(
-            model,
-            tokenizer,
-            draft,
-            prompts,
-            baseline_draft=baseline,
-            num_draft_tokens=args.num_draft_tokens,
-            max_tokens=args.max_tokens,
-            repeats=args.repeats,
-            warmup=args.warmup,
-            contexts=contexts,
-            block_size=args.block_size,
-            breakdown=not args.no_breakdown,
-            breakdown_cycles=args.breakdown_cycles,
-            chat_template=not args.ignore_chat_template,
-            log=lambda s: print(s, file=sys.stderr, flush=True),
-        )
-        result["settings"]["model"] = args.model or str(DEMO_DIR / "target")
-        result["settings"]["draft_model"] = args.draft_model or str(DEMO_DIR / "draft")
+            progress.update(0, f"loading {args.baseline_draft_model}")
+            baseline, _ = load(args.baseline_draft_model)
+        try:
+            result = benchmark(
+                model,
+                tokenizer,
+                draft,
+                prompts,
+                baseline_draft=baseline,
+                num_draft_tokens=args.num_draft_tokens,
+                max_tokens=args.max_tokens,
+                repeats=args.repeats,
+                warmup=args.warmup,
+                contexts=contexts,
+                block_size=args.block_size,
+                breakdown=not args.no_breakdown,
+                breakdown_cycles=args.breakdown_cycles,
+                chat_template=not args.ignore_chat_template,
+                log=lambda s: print(s, file=sys.stderr, flush=True),
+                progress=progress,
+            )
+        finally:
+            progress.close()
+        result["settings"]["model"] = model_path
+        result["settings"]["draft_model"] = draft_path
         result["settings"]["baseline_draft_model"] = args.baseline_draft_model
+        result["settings"]["prompts"] = prompts_file or ",".join(suites)
+        result["settings"]["dtype"] = str(_dtype(model)).removeprefix("mlx.core.")
+        if not result["contexts"]:
+            print("interrupted before the first prompt finished: no results", file=sys.stderr)
+            return 130
         table = format_table(result)
         if args.json == "-":
             print(table, file=sys.stderr)
@@ -659,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(table)
             if args.json:
-                Path(args.json).write_text(json.dumps(result, indent=1))
+                _write(args.json, json.dumps(result, indent=1))
         if args.plot:
             plot(result, args.plot)
     except KeyboardInterrupt:
@@ -667,7 +799,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
+    return 130 if result["interrupted"] else 0
+
+
+def _dtype(model: nn.Module) -> mx.Dtype:
+    from mlx.utils import tree_flatten
+
+    dtypes = [
+        v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)
+    ]
+    return max(set(dtypes), key=dtypes.count) if dtypes else mx.float32
 
 
 if __name__ == "__main__":

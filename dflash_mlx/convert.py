@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -35,6 +36,7 @@ def convert(
         raise ValueError(f"unsupported --q-bits {q_bits} (choose 4 or 8)")
     if quantize and q_group_size not in (32, 64, 128):
         raise ValueError(f"unsupported --q-group-size {q_group_size} (choose 32, 64 or 128)")
+    check_writable(out)  # before a download or a conversion that may take minutes
 
     config, weights = read(hf_path)
     target_dtype = DTYPES[dtype] if dtype else _source_dtype(weights)
@@ -47,19 +49,26 @@ def convert(
     params = dict(tree_flatten(model.parameters()))
 
     # Write next to the destination, then rename: a failure leaves nothing half-written.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise ValueError(f"cannot write {out}: {e.strerror or e}") from None
+    try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a model dir is the user's usual
         mx.save_safetensors(str(tmp / "model.safetensors"), params, metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        if out.exists():
+        if out.exists() or out.is_symlink():
             old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             out.rename(old)
             tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"cannot write {out}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -73,6 +82,33 @@ def convert(
     }
 
 
+def check_writable(out: Path) -> None:
+    """A one-line error now if `out` could not be created (read-only place, a file in the way)."""
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {out}: {parent} is not a directory")
+    try:  # really try: access() says yes to root on read-only mounts
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write {out}: {parent} is not writable ({e.strerror})") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _source_dtype(weights: dict[str, mx.array]) -> mx.Dtype:
     for v in weights.values():
         if v.dtype in DTYPES.values():
@@ -80,16 +116,25 @@ def _source_dtype(weights: dict[str, mx.array]) -> mx.Dtype:
     return mx.float16
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "dflash-mlx convert") -> int:
     parser = argparse.ArgumentParser(
-        description="Convert a DFlash draft checkpoint (Hub id or local dir) to MLX."
+        prog=prog,
+        description="Convert a DFlash draft checkpoint (Hub id or local dir) to MLX.",
     )
     parser.add_argument("--hf-path", required=True, help="Hub id or local directory")
     parser.add_argument("--mlx-path", default="mlx_model", help="output directory")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights (default: keep)")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize linear layers")
-    parser.add_argument("--q-bits", type=int, default=4, choices=[4, 8])
-    parser.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128])
+    parser.add_argument(
+        "--q-bits", type=int, default=4, choices=[4, 8], help="bits per weight with -q"
+    )
+    parser.add_argument(
+        "--q-group-size",
+        type=int,
+        default=64,
+        choices=[32, 64, 128],
+        help="weights per quantization group with -q",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
     try:
@@ -102,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             q_group_size=args.q_group_size,
             force=args.force,
         )
-    except (ConfigError, CheckpointError, FileExistsError, ValueError) as e:
+    except KeyboardInterrupt:
+        return 130
+    except (ConfigError, CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     bits = f", {info['bits']}-bit" if info["bits"] else ""

@@ -9,11 +9,11 @@ or after its anchor). Loss: cross-entropy at block positions k = 1 … B-1 again
 tokens that follow the anchor, weighted by exp(-(k-1)/gamma). The target's embedding
 and LM head are shared and frozen; only the draft's layers, fc and norms train.
 
-    python -m dflash_mlx.train --model TARGET --data prompts.jsonl --out my-draft \\
+    dflash-mlx train --model TARGET --data prompts.jsonl --out my-draft \\
         --eval-data heldout.jsonl
 
 The output directory is a draft checkpoint in the published HF layout (config.json +
-model.safetensors), readable by `dflash_mlx.load_draft`, `convert.py` and the PyTorch
+model.safetensors), readable by `dflash_mlx.load_draft`, `dflash-mlx convert` and the PyTorch
 reference; it also holds `train_state/` (full-precision weights, optimizer state, step)
 so an interrupted run resumes with `--resume`, and `eval.json` (tau on held-out prompts).
 """
@@ -38,7 +38,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoint import DTYPES
 from .config import DraftConfig, build_target_layer_ids
+from .convert import check_writable
 from .drafter import DraftModel
+from .progress import Progress
 from .tap import embedding_and_head, tap_hidden_states, target_layers
 
 # The paper's decay of the loss weight along the block, per block size.
@@ -325,15 +327,27 @@ def build_sequences(
             tmp.write_text("".join(json.dumps(responses[i]) + "\n" for i in todo))
             tmp.rename(cache_file)
 
-    seqs = []
+    seqs, dropped, truncated = [], 0, 0
     for p, r in zip(prompts, responses):
-        if len(r) < 2:
-            continue
         keep_prompt = max(0, min(len(p), seq_len - 2))
         ids = (p[len(p) - keep_prompt :] + r)[:seq_len]
         start = keep_prompt if p else 1  # given texts: any position after the first
-        if len(ids) - start >= 2:
-            seqs.append((ids, start))
+        if len(r) < 2 or len(ids) - start < 2:
+            dropped += 1
+            continue
+        truncated += len(p) + len(r) > seq_len
+        seqs.append((ids, start))
+    if dropped:
+        print(
+            f"[data] dropped {dropped} of {len(records)} records: fewer than 2 response "
+            "tokens to learn from",
+            flush=True,
+        )
+    if truncated:
+        print(
+            f"[data] {truncated} of {len(records)} records cut to --seq-len {seq_len} tokens",
+            flush=True,
+        )
     return seqs
 
 
@@ -559,11 +573,76 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
+class MovingAverage:
+    """Exponential moving average with Adam's bias correction (no warm-up bias)."""
+
+    def __init__(self, decay: float):
+        self.decay, self.value, self.steps = decay, 0.0, 0
+
+    def update(self, x: float) -> float:
+        self.steps += 1
+        self.value = self.decay * self.value + (1 - self.decay) * x
+        return self.value / (1 - self.decay**self.steps)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag and path before the model loads or data is generated: one line each."""
+    positive = ("steps", "batch_size", "blocks_per_seq", "num_layers", "gen_max_tokens")
+    positive += ("gen_batch_size", "eval_max_tokens")
+    for flag in positive:
+        if getattr(args, flag) < 1:
+            raise ValueError(
+                f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}"
+            )
+    if args.block_size < 2:
+        raise ValueError(f"--block-size must be >= 2, got {args.block_size}")
+    if args.seq_len < 3:
+        raise ValueError(f"--seq-len must be >= 3, got {args.seq_len}")
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise ValueError(f"--eval-limit must be positive, got {args.eval_limit}")
+    if args.save_every < 0:
+        raise ValueError(f"--save-every must be >= 0, got {args.save_every}")
+    for flag in ("lr", "gen_temp", "weight_decay", "grad_clip", "warmup"):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a number >= 0, got {value}")
+    if args.lr == 0:
+        raise ValueError("--lr must be positive, got 0")
+    if args.warmup >= 1:
+        raise ValueError(f"--warmup is a fraction of the steps, in [0, 1), got {args.warmup}")
+    if args.gamma is not None and not (math.isfinite(args.gamma) and args.gamma > 0):
+        raise ValueError(f"--gamma must be positive, got {args.gamma}")
+    for flag in ("data", "eval_data"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"--{flag.replace('_', '-')} {path}: no such file")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    check_writable(out / "config.json")
+
+
+def check_resume(saved: DraftConfig, wanted: DraftConfig, out: Path) -> None:
+    """--resume continues the saved draft: flags asking for another one are an error."""
+    a, b = saved.to_dict(), wanted.to_dict()
+    differ = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if differ:
+        was = ", ".join(f"{k}={a.get(k)}" for k in differ)
+        now = ", ".join(f"{k}={b.get(k)}" for k in differ)
+        raise ValueError(
+            f"--resume: {out} holds a draft with {was}; the flags ask for {now} "
+            "(pass the same flags, or start over without --resume)"
+        )
+
+
 def train(args: argparse.Namespace) -> dict:
     from mlx_lm import load
 
     t_start = time.perf_counter()
     out = Path(args.out)
+    check_args(args)
+    records = read_records(args.data)  # bad data or flags fail before anything slow
+    eval_records = read_records(args.eval_data)[: args.eval_limit] if args.eval_data else []
     np.random.seed(args.seed)
     mx.random.seed(args.seed)
     model, tokenizer = load(args.model)
@@ -571,11 +650,12 @@ def train(args: argparse.Namespace) -> dict:
     model.freeze()
 
     info: dict = {}
+    config = draft_config(model, tokenizer, args)
     if args.resume and (out / "train_state" / "state.json").exists():
         info = json.loads((out / "train_state" / "state.json").read_text())
-        config = DraftConfig.from_dict(json.loads((out / "config.json").read_text()))
-    else:
-        config = draft_config(model, tokenizer, args)
+        saved = DraftConfig.from_dict(json.loads((out / "config.json").read_text()))
+        check_resume(saved, config, out)
+        config = saved
     mx.random.seed(args.seed)
     draft = DraftModel(config)
     draft.bind(model)
@@ -583,14 +663,13 @@ def train(args: argparse.Namespace) -> dict:
     n_params = sum(v.size for _, v in tree_flatten(draft.parameters()))
     B = config.block_size
     gamma = args.gamma or default_gamma(B)
+    n_layers = config.num_hidden_layers
     print(
-        f"[draft] {n_params / 1e6:.2f}M parameters, {config.num_hidden_layers} layers, "
+        f"[draft] {n_params / 1e6:.2f}M parameters, {n_layers} layer{'s' * (n_layers != 1)}, "
         f"block {B}, taps {config.target_layer_ids}, mask id {config.mask_token_id}, "
         f"gamma {gamma}",
         flush=True,
     )
-
-    records = read_records(args.data)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
     key = _digest(
         _target_fingerprint(args.model), records, args.gen_max_tokens, args.gen_temp, args.seed
@@ -666,20 +745,13 @@ def train(args: argparse.Namespace) -> dict:
     bs = min(args.batch_size, n)
     steps_per_epoch = max(1, n // bs)
     pad_id = config.mask_token_id
-    progress = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        progress = tqdm(
-            total=args.steps,
-            initial=start_step,
-            desc="train",
-            mininterval=2.0,
-            dynamic_ncols=True,
-            file=sys.stdout,
-        )
+    progress = Progress(args.steps, "train", initial=start_step, enabled=not args.no_progress)
     tic = time.perf_counter()
-    seen, avg, avg_acc = 0, None, None
+    seen = 0
+    # Step losses are noisy: report an exponential moving average, bias-corrected so that
+    # early values are not dragged towards the first steps' (or zero's) level.
+    loss_avg, acc_avg = MovingAverage(0.95), MovingAverage(0.95)
+    avg = avg_acc = lv = math.nan
     log: list[dict] = info.get("log", [])
     for step in range(start_step, args.steps):
         # Order and anchors are a function of (seed, step): a resumed run continues the
@@ -701,15 +773,10 @@ def train(args: argparse.Namespace) -> dict:
         lv, av = loss.item(), acc_len.item()
         if not math.isfinite(lv):
             raise RuntimeError(f"loss is {lv} at step {step + 1}")
-        avg = lv if avg is None else 0.95 * avg + 0.05 * lv
-        avg_acc = av if avg_acc is None else 0.95 * avg_acc + 0.05 * av
+        avg, avg_acc = loss_avg.update(lv), acc_avg.update(av)
         el = time.perf_counter() - tic
         tps = seen / el
-        if progress is not None:
-            progress.set_postfix(
-                loss=f"{avg:.3f}", acc_len=f"{avg_acc:.2f}", tok_s=f"{tps:.0f}", refresh=False
-            )
-            progress.update(1)
+        progress.update(1, f"loss {avg:.3f}  block-accepted {avg_acc:.2f}  {tps:.0f} tok/s")
         done = step + 1
         if done % 100 == 0 or done == args.steps:
             log.append(
@@ -721,7 +788,7 @@ def train(args: argparse.Namespace) -> dict:
                     "seconds": el,
                 }
             )
-            if progress is None:
+            if args.no_progress:
                 print(
                     f"[train] step {done}/{args.steps} loss {avg:.3f} "
                     f"block-accepted {avg_acc:.2f} {tps:.0f} tok/s {el:.0f}s",
@@ -732,13 +799,13 @@ def train(args: argparse.Namespace) -> dict:
             save_state(
                 draft, opt, out, {"step": done, "seed": args.seed, "log": log, "args": vars(args)}
             )
-    if progress is not None:
-        progress.close()
+    progress.close()
     if start_step >= args.steps:
         save_checkpoint(draft, out, DTYPES[args.dtype])
     train_seconds = time.perf_counter() - tic
     print(
-        f"[train] done: {args.steps - start_step} steps in {train_seconds:.0f}s, loss {avg}",
+        f"[train] done: {args.steps - start_step} steps in {train_seconds:.0f}s, "
+        f"loss {avg:.3f} (moving average; last step {lv:.3f})",
         flush=True,
     )
 
@@ -748,7 +815,8 @@ def train(args: argparse.Namespace) -> dict:
         "response_tokens": n_resp,
         "data_seconds": t_data,
         "train_seconds": train_seconds,
-        "final_loss": avg,
+        "final_loss": avg,  # bias-corrected moving average over the last ~20 steps
+        "last_step_loss": lv,
         "block_accepted_train": avg_acc,
         "log": log,
         "args": vars(args),
@@ -756,7 +824,6 @@ def train(args: argparse.Namespace) -> dict:
     if args.eval_data:
         from .loading import load_draft
 
-        eval_records = read_records(args.eval_data)[: args.eval_limit]
         trained = load_draft(out)
         ev = evaluate_tau(model, trained, tokenizer, eval_records, args.eval_max_tokens, B)
         result["eval"] = ev
@@ -773,9 +840,6 @@ def train(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
-    if args.block_size < 2:
-        print("error: --block-size must be >= 2", file=sys.stderr)
-        return 1
     try:
         train(args)
     except KeyboardInterrupt:

@@ -1,16 +1,12 @@
-"""Stream DFlash generation from Python, with the demo pair shipped in examples/demo.
+"""Stream DFlash generation from Python, with the demo pair shipped in the package.
 
 python examples/generate.py
 """
 
-from pathlib import Path
+from dflash_mlx import demo, load, load_draft, stream_generate
 
-from dflash_mlx import load, load_draft, stream_generate
-
-DEMO = Path(__file__).parent / "demo"
-
-model, tokenizer = load(str(DEMO / "target"))
-draft = load_draft(DEMO / "draft")
+model, tokenizer = load(str(demo.TARGET))
+draft = load_draft(demo.DRAFT)
 
 prompt = "    def __repr__(self):\n"
 print(prompt, end="")

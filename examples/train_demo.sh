@@ -6,16 +6,17 @@
 #   bash examples/train_demo.sh target    # step 1: target + prompt files
 #   bash examples/train_demo.sh draft     # step 2: draft (+ tau), needs step 1's target
 #
-# Outputs: examples/demo/target (mlx-lm / HF Qwen3), examples/demo/draft (DFlash draft),
-# examples/demo/eval_prompts.jsonl, and logs under $WORK. Knobs: SEED, WORK, PYTHON,
-# TARGET_ARGS, DRAFT_ARGS (extra arguments, e.g. smaller settings for a CPU try).
+# Outputs (package data, so a wheel ships them): dflash_mlx/demo_pair/target (mlx-lm / HF
+# Qwen3), dflash_mlx/demo_pair/draft (DFlash draft), dflash_mlx/demo_pair/eval_prompts.jsonl;
+# logs under $WORK. Knobs: SEED, WORK, PYTHON, TARGET_ARGS, DRAFT_ARGS (extra arguments,
+# e.g. smaller settings for a CPU try).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-all}
 SEED=${SEED:-0}
 WORK=${WORK:-/tmp/dflash-demo}
 PY=${PYTHON:-python3}
-DEMO=examples/demo
+DEMO=dflash_mlx/demo_pair
 PROMPTS="--draft-prompts 12288 --eval-prompts 32"
 mkdir -p "$WORK" "$DEMO"
 

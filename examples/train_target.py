@@ -12,7 +12,7 @@ files, hence the split (see DESIGN.md). The script writes an mlx-lm / Hugging Fa
 model directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)
 that `mlx_lm.load` and transformers' Qwen3ForCausalLM both read, and the prompt files.
 
-    python examples/train_target.py --out examples/demo/target --prompts-dir /tmp/demo
+    python examples/train_target.py --out dflash_mlx/demo_pair/target --prompts-dir /tmp/demo
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def model_config(args: argparse.Namespace, vocab_size: int, eos_id: int) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="examples/demo/target", help="model directory to write")
+    p.add_argument("--out", default="dflash_mlx/demo_pair/target", help="model directory to write")
     p.add_argument("--prompts-dir", default=None, help="write draft/eval prompt jsonl files here")
     p.add_argument("--stdlib", default=None, help="corpus root (default: this Python's stdlib)")
     p.add_argument("--seed", type=int, default=0)

@@ -110,7 +110,10 @@ def test_harness_reports_every_field(pair):
             assert len(d["acceptance_by_position"]) == 3
             assert 1 <= d["tau"] <= 4
             assert d["speedup"] > 0 and d["ideal_speedup"] > 0 and d["efficiency"] > 0
-    assert "acceptance by position" in bm.format_table(result)
+    table = bm.format_table(result)
+    for suite in ("math", "code"):  # every suite's acceptance, named
+        assert f"acceptance by block position, {suite}:" in table
+    assert "eff can exceed 1" in table
 
 
 def test_acceptance_bookkeeping():
@@ -161,3 +164,144 @@ def test_cli_rejects_bad_arguments(capsys):
     assert bm.main(["--repeats", "0", "--model", "x", "--draft-model", "y"]) == 1
     assert bm.main(["--suite", "poetry", "--model", "x", "--draft-model", "y"]) == 1
     assert "poetry" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_arguments_before_loading(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("dflash_mlx.loading.load", lambda *a, **k: pytest.fail("loaded"))
+    for args, message in (
+        (["--max-prompts", "-1"], "--max-prompts must be positive"),
+        (["--breakdown-cycles", "0"], "--breakdown-cycles must be positive"),
+        (["--json", "/proc/no/such/dir/out.json"], "cannot write"),
+        (["--json", str(tmp_path)], "is a directory"),
+        (["--prompts", str(tmp_path / "none.jsonl")], "no such file"),
+        (["--model", "x"], "--model needs --draft-model"),
+    ):
+        assert bm.main(args) == 1, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (args, err)
+
+
+def test_ctrl_c_keeps_the_finished_prompts(pair, monkeypatch):
+    model, draft, tokenizer = pair
+    real, calls = bm.run_dflash, []
+
+    def interrupted_on_the_second_prompt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:  # warm-up, first prompt, then Ctrl-C
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bm, "run_dflash", interrupted_on_the_second_prompt)
+    prompts = [("math", "1 + 1 ="), ("code", "def f(x):"), ("chat", "hi")]
+    result = bm.benchmark(
+        model, tokenizer, draft, prompts, max_tokens=6, repeats=1, breakdown=False
+    )
+    assert result["interrupted"] is True
+    (entry,) = result["contexts"]
+    assert [r["suite"] for r in entry["prompts"]] == ["math"]
+    assert set(entry["suites"]) == {"math"}
+    assert "interrupted: partial results (1 prompt(s) finished)" in bm.format_table(result)
+
+
+def test_progress_names_every_phase(pair):
+    import io
+
+    from dflash_mlx.progress import Progress
+
+    model, draft, tokenizer = pair
+    out = io.StringIO()
+    progress = Progress(0, "benchmark", file=out, interval=0.0)
+    bm.benchmark(
+        model,
+        tokenizer,
+        draft,
+        [("math", "1 + 1 ="), ("code", "def f(x):")],
+        max_tokens=4,
+        repeats=2,
+        breakdown_cycles=2,
+        progress=progress,
+    )
+    progress.close()
+    text = out.getvalue()
+    total = 2 * (1 + 2 * 2) + 1  # methods x (warm-up + prompts x repeats) + breakdown
+    for phase in (
+        "warm-up, target",
+        "warm-up, dflash",
+        "prompt 1/2 (math",
+        "prompt 2/2 (code",
+        "dflash, repeat 2/2",
+        "cycle breakdown",
+        f"{total}/{total}",
+        "ETA",
+    ):
+        assert phase in text, phase
+
+
+def test_plot_panels_title_and_single_point():
+    result = {
+        "settings": {
+            "model": "/m/Qwen3-8B",
+            "draft_model": "/d/qwen3-8b-dflash",
+            "dtype": "bfloat16",
+            "block_size": 16,
+            "device": "Device(gpu, 0)",
+            "device_name": "NVIDIA H200",
+            "max_tokens": 64,
+            "methods": ["target", "dflash"],
+        },
+        "contexts": [
+            {
+                "context": None,
+                "suites": {"math": {"dflash": {"acceptance_by_position": [0.9, 0.5]}}},
+                "prompts": [
+                    {"prompt_tokens": 30, "target": {"generation_tps": 10.0},
+                     "dflash": {"generation_tps": 20.0}},
+                ],
+            }
+        ],
+    }  # fmt: skip
+    panels = bm.plot_panels(result)
+    for part in ("Qwen3-8B", "qwen3-8b-dflash", "bfloat16", "block 16", "gpu (NVIDIA H200)"):
+        assert part in panels["title"], part
+    assert panels["acceptance"] == {"math": [0.9, 0.5]}
+    assert "speed" not in panels  # one context: no speed-vs-context curve
+    result["contexts"].append({**result["contexts"][0], "context": 4096})
+    assert panels_speed(bm.plot_panels(result)) == {"target": [30, 4096], "dflash": [30, 4096]}
+
+
+def panels_speed(panels):
+    return {m: [x for x, _ in points] for m, points in panels["speed"].items()}
+
+
+def test_demo_pair_defaults_to_its_own_prompts(tmp_path, capsys):
+    from dflash_mlx import demo
+
+    out = tmp_path / "result.json"
+    args = ["--max-prompts", "1", "-m", "4", "--repeats", "1", "--warmup", "0"]
+    assert bm.main([*args, "--no-breakdown", "--no-progress", "--json", str(out)]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["prompts"] == str(demo.EVAL_PROMPTS)  # Python prompts for a Python model
+    assert settings["dtype"] == "bfloat16"
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_progress_line_eta_and_log_throttling():
+    import io
+
+    from dflash_mlx.progress import Progress, format_duration
+
+    now = [0.0]
+    out = io.StringIO()  # not a terminal: new lines, at most one per interval
+    progress = Progress(10, "train", file=out, interval=5.0, clock=lambda: now[0])
+    now[0] = 4.0
+    progress.update(2, "loss 3.100")  # 2 s per step so far: 8 steps left, 16 s
+    now[0] = 6.0
+    progress.update(1)  # within the interval: not printed
+    now[0] = 10.0
+    progress.update(1)  # 2.5 s per step: 15 s left
+    progress.close()  # the same line again is not repeated
+    assert out.getvalue().splitlines() == [
+        "train  2/10  4s elapsed  ETA 16s  loss 3.100",
+        "train  4/10  10s elapsed  ETA 15s  loss 3.100",
+    ]
+    assert [format_duration(s) for s in (12.4, 95, 3725)] == ["12s", "1m35s", "1h02m"]

@@ -1,7 +1,11 @@
 """Config parsing and converter: every variant loads; every bad input is a clear error that
 leaves no output behind."""
 
+import contextlib
+import io
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -95,14 +99,18 @@ def test_bad_configs_name_the_field(change, message):
 
 
 def convert_cli(*args):
-    return subprocess.run(
-        [sys.executable, "convert.py", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-        check=False,
-    )
+    """`dflash-mlx convert ARGS`, in this process (a subprocess costs seconds of imports;
+    test_help_names_the_command runs the real `python convert.py`)."""
+    from dflash_mlx.convert import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    assert "Traceback" not in err.getvalue()
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def test_convert_writes_what_load_draft_reads(tmp_path):
@@ -231,3 +239,49 @@ def test_bad_flags_exit_nonzero(tmp_path):
         result = convert_cli("--hf-path", hf, "--mlx-path", tmp_path / "o", *args)
         assert result.returncode != 0 and "invalid choice" in result.stderr
         assert not (tmp_path / "o").exists()
+
+
+def test_output_dirs_follow_the_umask(tmp_path):
+    from dflash_mlx.convert import main
+
+    hf = write_random_draft(tmp_path / "hf", TARGET)
+    old = os.umask(0o027)
+    try:
+        assert main(["--hf-path", str(hf), "--mlx-path", str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750  # mkdtemp alone: 0o700
+    assert stat.S_IMODE((tmp_path / "out" / "model.safetensors").stat().st_mode) == 0o640
+
+
+def test_unwritable_destination_and_force_over_a_file(tmp_path, capsys):
+    from dflash_mlx.convert import main
+
+    hf = write_random_draft(tmp_path / "hf", TARGET)
+    for dest in ("/proc/dflash-out", "/proc/no/such/dir"):
+        assert main(["--hf-path", str(hf), "--mlx-path", dest]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: cannot write {dest}: "), err
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the output goes")
+    assert main(["--hf-path", str(hf), "--mlx-path", str(blocker / "out")]) == 1
+    assert "is not a directory" in capsys.readouterr().err
+    assert main(["--hf-path", str(hf), "--mlx-path", str(blocker), "--force"]) == 0
+    assert load_draft(blocker) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "hf"]  # no .blocker.old
+
+
+def test_help_names_the_command(capsys):
+    from dflash_mlx.convert import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: dflash-mlx convert")
+    result = subprocess.run(
+        [sys.executable, "convert.py", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0 and result.stdout.startswith("usage: python convert.py")

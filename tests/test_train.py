@@ -171,7 +171,7 @@ def _tiny_target(path: Path) -> Path:
     return path
 
 
-def test_train_cli_checkpoint_resume_and_convert(tmp_path):
+def test_train_cli_checkpoint_resume_and_convert(tmp_path, capsys):
     target = _tiny_target(tmp_path / "target")
     rng = np.random.default_rng(0)
     data = tmp_path / "data.jsonl"
@@ -188,8 +188,16 @@ def test_train_cli_checkpoint_resume_and_convert(tmp_path):
         "--blocks-per-seq", "3", "--save-every", "4", "--no-progress",
     ]  # fmt: skip
     assert main(common + ["--steps", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 layer," in printed  # not "1 layers"
+    assert "[data] dropped 1 of 9 records" not in printed  # every record has a response
     state = json.loads((out / "train_state" / "state.json").read_text())
     assert state["step"] == 4
+    # --resume continues the saved draft: flags for another draft are refused.
+    assert main(common + ["--steps", "6", "--resume", "--num-layers", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --resume:"), err
+    assert "num_hidden_layers=1" in err[0] and "num_hidden_layers=2" in err[0]
     assert main(common + ["--steps", "6", "--resume", "--eval-data", str(data),
                           "--eval-max-tokens", "8", "--eval-limit", "2"]) == 0  # fmt: skip
     result = json.loads((out / "train_result.json").read_text())
@@ -212,3 +220,51 @@ def test_train_cli_checkpoint_resume_and_convert(tmp_path):
     round_trip = dict(tree_flatten(load_draft(conv).parameters()))
     for k, v in tree_flatten(draft.parameters()):
         assert mx.array_equal(round_trip[k], v).item(), k
+
+
+def test_bad_flags_fail_before_loading_anything(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("mlx_lm.load", lambda *a, **k: pytest.fail("loaded the target"))
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "w1 w2"}\n')
+    base = ["--model", "m", "--data", str(data), "--out", str(tmp_path / "out")]
+    for args, message in (
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--steps", "0"], "--steps must be positive"),
+        (["--block-size", "1"], "--block-size must be >= 2"),
+        (["--lr", "nan"], "--lr must be a number >= 0"),
+        (["--warmup", "1.5"], "--warmup is a fraction"),
+        (["--out", "/proc/dflash-draft"], "cannot write /proc/dflash-draft/config.json"),
+        (["--out", str(data)], "is a file, not a directory"),
+        (["--data", str(tmp_path / "none.jsonl")], "no such file"),
+        (["--eval-data", str(tmp_path / "none.jsonl")], "no such file"),
+    ):
+        assert main(base + args) == 1, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
+
+
+def test_moving_average_follows_the_recent_loss():
+    from dflash_mlx.train import MovingAverage
+
+    avg = MovingAverage(0.95)
+    assert avg.update(8.0) == 8.0  # no pull towards zero at the start
+    for _ in range(40):
+        value = avg.update(3.6)
+    assert abs(value - 3.6) < 0.05  # what the steps now show (no pull towards the first step)
+
+
+def test_dropped_and_truncated_records_are_reported(capsys):
+    from dflash_mlx import demo, load
+    from dflash_mlx.train import build_sequences
+
+    model, tokenizer = load(str(demo.TARGET))
+    records = [{"text": "x"}, {"text": "def f(x):\n    return x\n" * 20}, {"text": "a = 1\n"}]
+    seqs = build_sequences(
+        model, tokenizer, records, max_new_tokens=4, temp=0.0, batch_size=2, seq_len=32,
+        cache_file=None, seed=0,
+    )  # fmt: skip
+    assert len(seqs) == 2 and max(len(ids) for ids, _ in seqs) == 32
+    out = capsys.readouterr().out
+    assert "[data] dropped 1 of 3 records: fewer than 2 response tokens" in out
+    assert "[data] 1 of 3 records cut to --seq-len 32 tokens" in out

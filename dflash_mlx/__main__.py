@@ -1,0 +1,7 @@
+"""`python -m dflash_mlx <command>`: the same front door as `dflash-mlx`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
