@@ -10,14 +10,26 @@ Apple GPUs and mx.fast.cuda_kernel on NVIDIA GPUs, and mx.fast.scaled_dot_produc
 elsewhere. The switch DFLASH_BLOCK_ATTENTION=auto|kernel|sdpa forces either path (see
 attention.py). `verify_attention(model)` routes an mlx-lm target's verify forward
 through the kernel (see routing.py).
+
+`skinny_matmul`, `skinny_quantized_matmul` and `linear(module, x)` run verify-width
+(1…32 rows) matmuls through one-pass kernels (matmul.py; switch DFLASH_MATMUL).
 """
 
 import mlx.core as mx
 
 from .attention import SWITCH_ENV, kernel_attention
+from .matmul import linear, skinny_matmul, skinny_quantized_matmul
 from .routing import verify_attention
 
-__all__ = ["SWITCH_ENV", "block_attention", "block_mask", "verify_attention"]
+__all__ = [
+    "SWITCH_ENV",
+    "block_attention",
+    "block_mask",
+    "linear",
+    "skinny_matmul",
+    "skinny_quantized_matmul",
+    "verify_attention",
+]
 
 
 def block_mask(lq: int, s: int, causal: bool, window: int | None) -> mx.array | None:

@@ -177,3 +177,111 @@ inline void df_mma(DF_THR df_frag_c& c, DF_THR df_frag_a<T>& a, DF_THR df_frag_b
     }
   }
 }
+
+// ---------------------------------------------------------------- skinny matmul
+// Compiled only into the matmul kernels (kernels/matmul.py defines DF_MATMUL).
+#ifdef DF_MATMUL
+// (matmul_body.h) Lane (g, t) = (df_c_row(lane, 0), df_c_col(lane, 0) / 2) reads piece t
+// (PL consecutive k) of W rows g and g + 8. For the 16-k step h its A slots s = 0..3
+// hold piece elements 4 h + s, standing for logical k 2 t + s % 2 + 8 (s / 2) (the
+// columns its thread_elements() cover). A lane's B elements (logical k r, r + 8 of x
+// rows c0, c0 + 1) are fetched from wherever that map puts them, so A and B agree.
+// Loads are element-wise: no alignment assumption about MLX's buffer offsets.
+
+#define DF_ALIGN16
+
+inline int df_mm_row(uint lane) {
+  return df_c_row(lane, 0);
+}
+
+inline int df_mm_part(uint lane) {
+  return df_c_col(lane, 0) / 2;
+}
+
+template <int PL, typename T>
+inline void df_mm_load_piece(DF_THR T* dst, const DF_DEV T* src, int valid, bool vec) {
+  DF_UNROLL for (int e = 0; e < PL; ++e) {
+    dst[e] = e < valid ? src[e] : df_from_float<T>(0.0f);
+  }
+}
+
+inline void df_mm_load_words(DF_THR uint* dst, const DF_DEV uint* src, bool valid, bool vec) {
+  DF_UNROLL for (int i = 0; i < 4; ++i) {
+    dst[i] = valid ? src[i] : 0u;
+  }
+}
+
+template <typename T>
+inline void df_mm_a(DF_THR df_frag_a<T>& a, const DF_THR T* lo, const DF_THR T* hi) {
+  DF_UNROLL for (int kh = 0; kh < 2; ++kh) {
+    DF_UNROLL for (int j = 0; j < 2; ++j) {
+      a.m[0][kh].thread_elements()[j] = static_cast<float>(lo[2 * kh + j]);
+      a.m[1][kh].thread_elements()[j] = static_cast<float>(hi[2 * kh + j]);
+    }
+  }
+}
+
+template <typename T, int NSTEP>
+struct df_mm_x {
+  T v[4 * NSTEP];  // [step][k half][column]
+};
+
+template <typename T, int NSTEP>
+inline void df_mm_load_x(DF_THR df_mm_x<T, NSTEP>& xr, const DF_DEV T* x, int K, int M, int m0,
+                         int kc, int ke, bool vec, uint lane) {
+  constexpr int L = 4 * NSTEP;
+  const int r = df_c_row(lane, 0);
+  const int c = df_c_col(lane, 0);
+  DF_UNROLL for (int h = 0; h < NSTEP; ++h) {
+    DF_UNROLL for (int kh = 0; kh < 2; ++kh) {
+      // logical k = 8 kh + r: piece r / 2, slot r % 2 + 2 kh
+      const int k = kc + (r >> 1) * L + 4 * h + (r & 1) + 2 * kh;
+      DF_UNROLL for (int j = 0; j < 2; ++j) {
+        const int m = m0 + c + j;
+        xr.v[4 * h + 2 * kh + j] =
+            m < M && k < ke ? x[long(m) * K + k] : df_from_float<T>(0.0f);
+      }
+    }
+  }
+}
+
+// B operand of step h (every weight format uses the same map here).
+template <int BITS, typename T, int NSTEP>
+inline void df_mm_b(DF_THR df_frag_b<T>& b, const DF_THR df_mm_x<T, NSTEP>& xr, int h) {
+  DF_UNROLL for (int kh = 0; kh < 2; ++kh) {
+    DF_UNROLL for (int j = 0; j < 2; ++j) {
+      b.m[kh].thread_elements()[j] = static_cast<float>(xr.v[4 * h + 2 * kh + j]);
+    }
+  }
+}
+
+// Quantized weights: q * scale + bias in fp32, straight into the fp32 matrix tiles.
+template <typename T>
+struct df_mm_qs {
+  float s, b;
+};
+
+template <typename T>
+inline df_mm_qs<T> df_mm_qscale(float s, float b) {
+  df_mm_qs<T> q;
+  q.s = s;
+  q.b = b;
+  return q;
+}
+
+// A operand of step h from four packed words of rows g (lo) and g + 8 (hi).
+template <int BITS, typename T>
+inline void df_mm_dequant(DF_THR df_frag_a<T>& a, const DF_THR uint* lo, const DF_THR uint* hi,
+                          int h, df_mm_qs<T> ql, df_mm_qs<T> qh) {
+  constexpr int EPW = 32 / BITS;
+  constexpr uint MASK = (1u << BITS) - 1u;
+  DF_UNROLL for (int kh = 0; kh < 2; ++kh) {
+    DF_UNROLL for (int j = 0; j < 2; ++j) {
+      const int e = 4 * h + 2 * kh + j;
+      const int sh = BITS * (e % EPW);
+      a.m[0][kh].thread_elements()[j] = float((lo[e / EPW] >> sh) & MASK) * ql.s + ql.b;
+      a.m[1][kh].thread_elements()[j] = float((hi[e / EPW] >> sh) & MASK) * qh.s + qh.b;
+    }
+  }
+}
+#endif  // DF_MATMUL

@@ -83,6 +83,60 @@ def assemble(
     return "\n".join(lines)
 
 
+def assemble_matmul(pass_: int, dtype: str, quant: bool, template, extra_header: str = "") -> str:
+    """The skinny matmul's source as mx.fast.cuda_kernel builds it (see assemble)."""
+    from dflash_mlx.kernels import matmul
+
+    header, source = matmul.kernel_source("cuda", pass_, quant)
+    t = _CUDA_TYPE[dtype]
+    if pass_ == 1:
+        names = (matmul.PASS1_INPUTS, matmul.PASS1_OUTPUTS)
+        in_types = [t, "uint32_t" if quant else t, t, t, t, "int32_t"]
+        out_types = [t, "float"]
+    else:
+        names = (matmul.PASS2_INPUTS, matmul.PASS2_OUTPUTS)
+        in_types, out_types = ["float", t, "int32_t"], [t]
+    lines = [
+        '#include "mlx/backend/cuda/device/utils.cuh"',
+        "#include <cooperative_groups.h>",
+        extra_header + header,
+        "namespace mlx::core::cu {",
+        "namespace cg = cooperative_groups;",
+        "__global__ void dflash_kernel(",
+    ]
+    params = [f"    const {c}* {n}" for n, c in zip(names[0], in_types)]
+    params += [f"    {c}* {n}" for n, c in zip(names[1], out_types)]
+    lines.append(",\n".join(params) + ") {")
+    for name, value in template:
+        if isinstance(value, bool):
+            lines.append(f"  constexpr bool {name} = {'true' if value else 'false'};")
+        elif isinstance(value, int):
+            lines.append(f"  constexpr int {name} = {value};")
+        else:
+            lines.append(f"  using {name} = {_CUDA_TYPE[value]};")
+    lines.append(source)
+    lines.append("}\n}  // namespace mlx::core::cu")
+    return "\n".join(lines)
+
+
+def matmul_configs():
+    """Skinny-matmul configurations: every dtype, dense and 4/8-bit, 1..4 fragments, the
+    plan's tiling and 4 simdgroups along K."""
+    from dflash_mlx.kernels import matmul
+
+    for dtype in ("bfloat16", "float16", "float32"):
+        for bits in (0, 4, 8):
+            if bits and dtype == "float32":
+                continue
+            for mf in (1, 2, 4):
+                for wk in (1, 4):
+                    plan = matmul.make_plan("cuda", 4096, 4096, bits, 2, m=8 * mf, wk=wk)
+                    for split in (False, True):
+                        template = matmul._template(dtype, bits, 64, mf, plan, split, not split)
+                        name = f"mm_{dtype}_q{bits}_mf{mf}_wk{wk}_split{int(split)}"
+                        yield name, dtype, bits, template
+
+
 def configs():
     """The configurations the CUDA plan picks for the benchmark shapes, plus fp32/fp16."""
     seen = set()
@@ -116,6 +170,7 @@ def main() -> int:
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("--no-ldmatrix", action="store_true")
     ap.add_argument("--only", default="", help="substring filter on the config name")
+    ap.add_argument("--matmul", action="store_true", help="the skinny matmul instead")
     args = ap.parse_args()
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -129,14 +184,22 @@ def main() -> int:
         (inc / "mlx/backend/cuda/device").mkdir(parents=True, exist_ok=True)
         (inc / "mlx/backend/cuda/device/utils.cuh").write_text(_STANDIN)
     extra = "#define DF_NO_LDMATRIX\n" if args.no_ldmatrix else ""
-    jobs = [(f"p1_{d}_" + "_".join(str(v) for _, v in t[1:]), 1, d, t) for d, t in configs()]
-    jobs += [(f"p2_{d}", 2, d, [("T", d)]) for d in _CUDA_TYPE]
+    if args.matmul:
+        jobs = [(n, 1, d, (b, t)) for n, d, b, t in matmul_configs()]
+        jobs += [(f"mm_sum_{d}", 2, d, (0, [("T", d), ("HAS_BIAS", True)])) for d in _CUDA_TYPE]
+    else:
+        jobs = [(f"p1_{d}_" + "_".join(str(v) for _, v in t[1:]), 1, d, t) for d, t in configs()]
+        jobs += [(f"p2_{d}", 2, d, [("T", d)]) for d in _CUDA_TYPE]
     failed = 0
     for name, pass_, dtype, template in jobs:
         if args.only not in name:
             continue
         src = work / f"{name}.cu"
-        src.write_text(assemble(pass_, dtype, template, extra))
+        if args.matmul:
+            bits, template = template
+            src.write_text(assemble_matmul(pass_, dtype, bits != 0, template, extra))
+        else:
+            src.write_text(assemble(pass_, dtype, template, extra))
         cmd = [nvcc, f"-arch={args.arch}", "-std=c++17"]
         cmd += [
             "-cubin",

@@ -246,6 +246,41 @@ inline unsigned df_ptx_cvt_tf32(float x) {
   return (u + 0x1000u) & ~0x1fffu;
 }
 
+// 16-byte global loads (the skinny matmul's): must be 16-byte aligned on the device.
+inline uint4 df_emu_ld16(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) & 15u) df_emu::fail("16-byte global load not 16-byte aligned");
+  uint4 v;
+  std::memcpy(&v, p, 16);
+  return v;
+}
+inline uint4 df_ld16_stream(const void* p) { return df_emu_ld16(p); }
+inline uint4 df_ld16_cached(const void* p) { return df_emu_ld16(p); }
+
+// fma.rn.{bf16x2,f16x2}: per 16-bit half, a * b + c rounded once to the format.
+template <bool BF16>
+inline unsigned df_emu_fma2(unsigned a, unsigned b, unsigned c) {
+  unsigned d = 0;
+  for (int h = 0; h < 2; ++h) {
+    const double r = double(df_emu_cuda::b16<BF16>(a, h)) * double(df_emu_cuda::b16<BF16>(b, h)) +
+                     double(df_emu_cuda::b16<BF16>(c, h));
+    uint16_t bits;
+    if (BF16) {
+      bits = df_emu::float_to_bf16_bits(float(r));
+    } else {
+      const __half x = __half(r);
+      std::memcpy(&bits, &x, 2);
+    }
+    d |= unsigned(bits) << (16 * h);
+  }
+  return d;
+}
+inline unsigned df_ptx_fma_bf16x2(unsigned a, unsigned b, unsigned c) {
+  return df_emu_fma2<true>(a, b, c);
+}
+inline unsigned df_ptx_fma_f16x2(unsigned a, unsigned b, unsigned c) {
+  return df_emu_fma2<false>(a, b, c);
+}
+
 namespace mlx::core::cu {
 // Shapes and strides travel by value (cuda::std::array<.., MAX_NDIM> in MLX).
 struct Shape {
