@@ -58,7 +58,9 @@ def n_params(module: nn.Module) -> int:
     return sum(v.size for _, v in tree_flatten(module.parameters()))
 
 
-def build(shape: str, dtype: mx.Dtype, block_size: int) -> tuple[nn.Module, DraftModel]:
+def build(
+    shape: str, dtype: mx.Dtype, block_size: int, bits: int | None = None
+) -> tuple[nn.Module, DraftModel]:
     s = SHAPES[shape]
     vocab = VOCAB if shape != "tiny" else 1024
     head_dim = HEAD_DIM if shape != "tiny" else 32
@@ -82,6 +84,9 @@ def build(shape: str, dtype: mx.Dtype, block_size: int) -> tuple[nn.Module, Draf
     model.set_dtype(dtype)
     for layer in model.layers:
         mx.eval(layer.parameters())
+        if bits:  # the target's linear layers (not the embedding), as mlx_lm quantizes
+            nn.quantize(layer, group_size=64, bits=bits)
+            mx.eval(layer.parameters())
     mx.eval(model.parameters())
     config = DraftConfig.from_dict(
         {
@@ -132,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", default="1024,8192,16384")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--bits", type=int, default=None, help="quantize the target (group 64)")
     p.add_argument("--cycles", type=int, default=24)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--out", default=None, help="JSON file for the results")
@@ -145,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         "mlx": mx.__version__,
         "block_size": B,
         "dtype": args.dtype,
+        "bits": args.bits,
         "command": "python benchmarks/bench_cycle.py " + " ".join(argv or sys.argv[1:]),
         "rows": [],
     }
     for shape in args.shapes.split(","):
         tic = time.perf_counter()
-        model, draft = build(shape, dtype, B)
+        model, draft = build(shape, dtype, B, args.bits)
         print(
             f"{shape}: target {n_params(model) / 1e9:.2f}B, draft {n_params(draft) / 1e9:.2f}B "
             f"params, built in {time.perf_counter() - tic:.1f} s",

@@ -18,6 +18,7 @@ from .dflash2 import finish_logits, target_embed_scale
 from .kernels import block_attention
 from .rope import make_rope
 from .sampling import SamplingParams
+from .static_cache import StaticKVCache
 
 
 class Attention(nn.Module):
@@ -67,6 +68,10 @@ class Attention(nn.Module):
         # attended to in place, and are dropped again (trim): the context is never copied.
         # The next add_context overwrites them with the committed positions.
         k, v = cache.update_and_fetch(rope(k, offset=start), v)
+        if isinstance(cache, StaticKVCache):  # length on the device: masked, not sliced
+            mask = cache.length.block_mask(L, self.causal, self.window, context_window)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+            return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
         cache.trim(L)
         if context_window is not None and start > context_window:
             k = k[..., start - context_window :, :]

@@ -1,14 +1,16 @@
 """DFlash speculative generation: `stream_generate`, `generate` and the mlx_lm-style CLI.
 
 One cycle, as in the paper: the draft proposes a block in one forward, the target
-verifies it in one forward, the longest acceptable prefix is kept (plus one target
-token), and the caches roll back to the last accepted token.
+verifies it in one forward, the longest acceptable prefix is accepted (plus one target
+token), and the caches are committed to the last accepted token. A `VerifySession`
+(session.py) owns the caches; the loop below only reads like the paper.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -20,14 +22,13 @@ from typing import Any
 import mlx.core as mx
 from mlx import nn
 from mlx_lm.generate import generation_stream, wired_limit
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .drafter import DraftModel
-from .kernels import verify_attention
-from .rollback import rollback_for
 from .sampling import SamplingParams, greedy_accept, speculative_accept
-from .tap import Tap, embedding_and_head, tap_hidden_states, target_layers
+from .session import VerifySession
+from .tap import embedding_and_head, target_layers
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -56,6 +57,9 @@ class Cycle:
     tokens: list[int]  # accepted draft tokens, then one target token
     logprobs: mx.array  # [len(tokens), V] target log-probabilities at those positions
     accepted: int
+    # Set by a consumer that stops inside this cycle: how many of `tokens` it emitted.
+    # With a caller's prompt cache, the cache then holds exactly the emitted tokens.
+    used: int | None = None
 
 
 def check_pair(model: nn.Module, draft: DraftModel) -> None:
@@ -66,7 +70,7 @@ def check_pair(model: nn.Module, draft: DraftModel) -> None:
     vocab = embed.weight.shape[0]
     hidden = embed(mx.array([0])).shape[-1]
     problems = []
-    if cfg.num_target_layers != n_layers:
+    if cfg.num_target_layers != n_layers and not cfg.num_target_layers_inferred:
         problems.append(
             f"draft expects {cfg.num_target_layers} target layers, target has {n_layers}"
         )
@@ -86,37 +90,16 @@ def _process(
     processors: list[LogitsProcessor], history: list[int], block: mx.array, logits: mx.array
 ) -> mx.array:
     """Apply mlx_lm logits processors position by position, as sequential decoding would:
-    position i has seen `history` and block[: i + 1]."""
+    position i has seen `history` (this call's prompt and every emitted token before
+    the block) and block[: i + 1]."""
+    seen = mx.concatenate([mx.array(history, dtype=mx.int32), block.astype(mx.int32)])
     rows = []
-    history = mx.array(history)
     for i in range(logits.shape[0]):
         row = logits[i : i + 1]
-        seen = mx.concatenate([history, block[: i + 1]])
         for processor in processors:
-            row = processor(seen, row)
+            row = processor(seen[: len(history) + i + 1], row)
         rows.append(row)
     return mx.concatenate(rows, axis=0)
-
-
-def prefill(
-    model: nn.Module,
-    draft: DraftModel,
-    tap: Tap,
-    prompt: mx.array,
-    cache: list[Any],
-    draft_cache: list[Any],
-    step: int,
-) -> mx.array:
-    """Run the prompt through the target in chunks, caching its tapped features in the
-    draft cache. The last token goes alone, as in mlx_lm, so no chunk computes
-    full-vocabulary logits. Returns the last position's logits [1, V]."""
-    head = prompt[:-1]
-    chunks = [head[i : i + step] for i in range(0, head.size, step)]
-    for chunk in [*chunks, prompt[-1:]]:
-        logits = model(chunk[None], cache=cache)
-        draft.add_context(tap.features(), draft_cache)
-        mx.eval([c.state for c in cache] + [c.state for c in draft_cache])
-    return logits[0, -1:]
 
 
 def dflash_cycles(
@@ -130,100 +113,144 @@ def dflash_cycles(
     block_size: int | None = None,
     draft_window: int | None = None,
     prefill_step_size: int = 2048,
+    prompt_cache: list[Any] | None = None,
+    max_kv_size: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 5000,
+    prompt_progress_callback: Callable[[int, int], None] | None = None,
     on_phase: Callable[[str, list[mx.array]], None] | None = None,
 ) -> Iterator[Cycle]:
     """Yield one Cycle per target forward; the first is the prefill's token.
 
+    With `prompt_cache` (from `make_prompt_cache(model, draft)`), generation continues
+    from it and leaves it holding the prompt and every emitted token, as mlx_lm does.
     on_phase(name, arrays), if given, is called at the end of each phase of a cycle
     ("draft", "verify", "accept_rollback") with the arrays that phase produced, so a
     benchmark can evaluate and time them; the default adds no sync.
     """
     sampling = sampling or SamplingParams()
     check_pair(model, draft)
-    draft.bind(model)
     B = block_size or draft.block_size
     if B < 1:
         raise ValueError(f"block size must be >= 1, got {B}")
     processors = logits_processors or []
-    cache = make_prompt_cache(model)
-    draft_cache = draft.make_cache()
-    history = prompt[:-1].tolist() if processors else []  # tokens before the block
+    history = prompt.tolist() if processors else []  # what sequential decoding has seen
+    session = VerifySession(
+        model,
+        draft,
+        prompt_cache,
+        max_kv_size=max_kv_size,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start,
+    )
 
     def pick(logits: mx.array, block: mx.array) -> tuple[mx.array, mx.array]:
+        """(log-probabilities as mlx_lm reports them, what to sample or argmax from)."""
         if processors:
             logits = _process(processors, history, block, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return logprobs, logprobs if sampling.greedy else sampling.log_distribution(logprobs)
+        return logprobs, logprobs if sampling.greedy else sampling.log_distribution(logits)
 
-    with (
-        wired_limit(model, [generation_stream]),
-        tap_hidden_states(model, draft.config.target_layer_ids) as tap,
-        rollback_for(model, cache) as rollback,
-        mx.stream(generation_stream),
-    ):
-        logits = prefill(model, draft, tap, prompt, cache, draft_cache, prefill_step_size)
-        logprobs, dist = pick(logits, prompt[-1:])
-        first = mx.argmax(dist, axis=-1) if sampling.greedy else mx.random.categorical(dist)
-        token = first.item()
-        yield Cycle([token], logprobs, 0)
-        n_emitted, n_cycles, context = 1, 0, None
+    last: Cycle | None = None
+    with wired_limit(model, [generation_stream]), session, mx.stream(generation_stream):
+        try:
+            logits = session.prefill(prompt, prefill_step_size, prompt_progress_callback)
+            logprobs, dist = pick(logits, prompt[:0])
+            first = mx.argmax(dist, axis=-1) if sampling.greedy else mx.random.categorical(dist)
+            token = first.item()
+            last = Cycle([token], logprobs, 0)
+            yield last
+            n_emitted, n_cycles = 1, 0
+            # Static caches (lengths on the device) let cycle t+1 be queued before the
+            # host reads cycle t: its graph building then overlaps cycle t's device time.
+            positions = session.offset + max_tokens + B
+            static = not processors and B > 1 and session.can_go_static(positions)
+            if static:
+                session.go_static(headroom=4 * B)
+            anchor = mx.array([token], dtype=mx.int32)
+            queued = None  # static mode: the cycle on the device the host has not read
 
-        while n_emitted < max_tokens:
-            bs = min(B, max_tokens - n_emitted)
+            while n_emitted < max_tokens:
+                bs = B if static else min(B, max_tokens - n_emitted)
 
-            # Draft: one forward proposes bs-1 tokens after the anchor.
-            if bs > 1:
-                block = mx.array([[token] + [draft.mask_token_id] * (bs - 1)])
-                hidden = draft(block, context, draft_cache, draft_window)
-                draft_logits = draft.logits(hidden[0, 1:])
-                if sampling.greedy:
-                    drafted = mx.argmax(draft_logits, axis=-1)
+                # Propose: one draft forward drafts bs-1 tokens after the anchor.
+                drafted, draft_logq = session.propose(anchor, bs - 1, sampling, draft_window)
+                block = mx.concatenate([anchor, drafted])
+                mx.async_eval(block)  # the device drafts while the host builds verify
+                if on_phase:  # benchmarks only: no work on the hot path otherwise
+                    on_phase("draft", [block])
+
+                # Verify: one target forward over the whole block.
+                logprobs, dist = pick(session.verify(block), block)
+                if on_phase:
+                    on_phase("verify", [dist, session._features])
+
+                # Accept: on the device.
+                if bs == 1:
+                    n_acc = mx.array(0)
+                    nxt = mx.argmax(dist[0]) if sampling.greedy else mx.random.categorical(dist[0])
+                elif sampling.greedy:
+                    n_acc, nxt = greedy_accept(drafted, mx.argmax(dist, axis=-1))
                 else:
-                    draft_dist = sampling.log_distribution(
-                        draft_logits - mx.logsumexp(draft_logits, axis=-1, keepdims=True)
-                    )
-                    drafted = mx.random.categorical(draft_dist)
-                verify_in = mx.concatenate([mx.array([token]), drafted.astype(mx.int32)])
-                mx.async_eval(verify_in)  # the device drafts while the host builds verify
-            else:
-                drafted = mx.array([], dtype=mx.int32)
-                verify_in = mx.array([token])
-            if on_phase:  # benchmarks only: no work on the hot path otherwise
-                on_phase("draft", [verify_in])
+                    n_acc, nxt = speculative_accept(drafted, draft_logq, dist)
 
-            # Verify: one target forward over the whole block.
-            with rollback.verifying(), verify_attention(model):
-                logits = model(verify_in[None], cache=cache)
-            features = tap.features()
-            logprobs, dist = pick(logits[0], verify_in)
-            if on_phase:
-                on_phase("verify", [dist, features])
+                # Commit: the caches keep the anchor and the accepted drafts.
+                this = (block, n_acc, nxt, logprobs)
+                if static:  # on the device; the host reads the cycle queued before
+                    session.commit(n_acc + 1)
+                    anchor = nxt.reshape(1).astype(mx.int32)
+                    mx.async_eval(n_acc, nxt, block, *session.state_arrays())
+                    this, queued = queued, this
+                    if this is None:
+                        continue
+                a, tokens = _read(this)  # the cycle's one host sync
+                if static:
+                    session.committed(a + 1)
+                else:
+                    session.commit(a + 1)
+                    anchor = mx.array(tokens[-1:], dtype=mx.int32)
+                if on_phase:
+                    on_phase("accept_rollback", session.state_arrays())
+                if processors:  # everything before the next anchor
+                    history.extend([token] + tokens[:-1])
+                token = tokens[-1]
+                tokens = tokens[: max_tokens - n_emitted]
+                n_emitted += len(tokens)
+                n_cycles += 1
+                if n_cycles % 64 == 0:
+                    mx.clear_cache()
+                last = Cycle(tokens, this[3][: a + 1], a)
+                yield last
+        except GeneratorExit:  # the consumer stopped: settle, unless nothing ran yet
+            if prompt_cache is not None and last is not None:
+                _settle(session, last)
+            raise
+        else:
+            if prompt_cache is not None:
+                _settle(session, last)
 
-            # Accept: on device; then the cycle's one host sync.
-            if bs == 1:
-                n_acc = mx.array(0)
-                nxt = mx.argmax(dist[0]) if sampling.greedy else mx.random.categorical(dist[0])
-            elif sampling.greedy:
-                n_acc, nxt = greedy_accept(drafted, mx.argmax(dist, axis=-1))
-            else:
-                n_acc, nxt = speculative_accept(drafted, draft_dist, dist)
-            mx.eval(n_acc, nxt, drafted)
-            a = n_acc.item()
-            tokens = drafted.tolist()[:a] + [nxt.item()]
 
-            # Roll back: caches keep the anchor and the accepted drafts.
-            rollback(a + 1, bs)
-            context = features[:, : a + 1]
-            if on_phase:
-                on_phase("accept_rollback", [context, *(c.state for c in cache)])
-            if processors:
-                history += [token] + tokens[:-1]
-            token = tokens[-1]
-            n_emitted += len(tokens)
-            n_cycles += 1
-            if n_cycles % 64 == 0:
-                mx.clear_cache()
-            yield Cycle(tokens, logprobs[: a + 1], a)
+def _read(cycle: tuple) -> tuple[int, list[int]]:
+    """(accepted count, emitted tokens) of a queued cycle: the host waits for it here."""
+    block, n_acc, nxt, _ = cycle
+    a = n_acc.item()
+    return a, block[1 : a + 1].tolist() + [nxt.item()]
+
+
+def _settle(session: VerifySession, last: Cycle) -> None:
+    """Leave the caller's prompt cache holding the prompt and every emitted token, as
+    mlx_lm's does: drop what was accepted past the last emitted token, or feed the
+    last emitted token when it was the target's own (not yet in the caches)."""
+    used = len(last.tokens) if last.used is None else last.used
+    if used <= last.accepted:
+        session.keep(1 + used)
+    else:
+        session.keep(1 + last.accepted)
+        session.feed(mx.array(last.tokens[used - 1 : used], dtype=mx.int32))
+    session.finish()
+    mx.eval(session.state_arrays())
 
 
 def _encode(tokenizer: TokenizerWrapper, prompt: str | mx.array | list[int]) -> mx.array:
@@ -235,6 +262,15 @@ def _encode(tokenizer: TokenizerWrapper, prompt: str | mx.array | list[int]) -> 
     return mx.array(prompt)
 
 
+def _check_sampler(sampler: Any) -> None:
+    if sampler is not None and sampler is not greedy_sampler:
+        raise ValueError(
+            "DFlash needs the sampling distribution, which a sampler function does not "
+            "give: pass temp=, top_p=, min_p=, min_tokens_to_keep=, top_k=, "
+            "xtc_probability=, xtc_threshold= instead of sampler="
+        )
+
+
 def stream_generate(
     model: nn.Module,
     draft: DraftModel,
@@ -242,31 +278,55 @@ def stream_generate(
     prompt: str | mx.array | list[int],
     max_tokens: int = 256,
     *,
+    sampler: Any = None,
+    logits_processors: list[LogitsProcessor] | None = None,
     temp: float = 0.0,
     top_p: float = 0.0,
     min_p: float = 0.0,
     min_tokens_to_keep: int = 1,
     top_k: int = 0,
-    logits_processors: list[LogitsProcessor] | None = None,
+    xtc_probability: float = 0.0,
+    xtc_threshold: float = 0.1,
+    xtc_special_tokens: list[int] | None = None,
+    prompt_cache: list[Any] | None = None,
+    max_kv_size: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 5000,
+    prefill_step_size: int = 2048,
+    prompt_progress_callback: Callable[[int, int], None] | None = None,
     block_size: int | None = None,
     draft_window: int | None = None,
-    prefill_step_size: int = 2048,
 ) -> Generator[GenerationResponse, None, None]:
-    """Like `mlx_lm.stream_generate`: one response per token, same text and stopping.
+    """Like `mlx_lm.stream_generate`: one response per token, same text and stopping,
+    the same keywords where they make sense with a DFlash draft.
 
     Greedy output equals the target's own greedy output; with temp > 0 tokens follow
     exactly the target's sampling distribution (speculative rejection sampling).
+    `prompt_cache` comes from `dflash_mlx.make_prompt_cache(model, draft)` (or a file
+    saved by `dflash_mlx.session.save_prompt_cache`) and is updated in place.
     """
     if max_tokens == 0:
         raise ValueError("max_tokens must be non-zero (use -1 for no limit)")
-    if temp < 0:
-        raise ValueError(f"temp must be >= 0, got {temp}")
+    _check_sampler(sampler)
+    sampling = SamplingParams(
+        temp,
+        top_p,
+        min_p,
+        min_tokens_to_keep,
+        top_k,
+        xtc_probability,
+        xtc_threshold,
+        list(xtc_special_tokens or []),
+    )
+    sampling.check()
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     prompt = _encode(tokenizer, prompt)
+    if prompt.ndim != 1:
+        raise ValueError(f"one prompt at a time: got prompt of shape {prompt.shape}")
     if prompt.size == 0:
         raise ValueError("the prompt is empty")
-    sampling = SamplingParams(temp, top_p, min_p, min_tokens_to_keep, top_k)
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     limit = max_tokens if max_tokens > 0 else sys.maxsize
@@ -281,6 +341,12 @@ def stream_generate(
         block_size=block_size,
         draft_window=draft_window,
         prefill_step_size=prefill_step_size,
+        prompt_cache=prompt_cache,
+        max_kv_size=max_kv_size,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start,
+        prompt_progress_callback=prompt_progress_callback,
     )
     tic = time.perf_counter()
     n, n_cycles, emitted_in_cycles = 0, 0, 0
@@ -301,6 +367,7 @@ def stream_generate(
                     detokenizer.add_token(token)
                 last = stop or n == limit
                 if last:
+                    cycle.used = i + 1
                     detokenizer.finalize()
                 yield GenerationResponse(
                     text=detokenizer.last_segment,
@@ -320,7 +387,7 @@ def stream_generate(
                 if last:
                     return
     finally:
-        cycles.close()  # leaves no tap or hook on the target
+        cycles.close()  # settles a caller's prompt cache; leaves no hook on the target
 
 
 def generate(
@@ -332,17 +399,19 @@ def generate(
     **kwargs: Any,
 ) -> str:
     """Generate a complete response; with verbose, stream it and print statistics."""
-    if verbose:
-        print("=" * 10)
     text = ""
-    accepted = Counter()
+    per_cycle = Counter()  # cycle -> tokens it emitted (accepted drafts + one)
     response = None
     for response in stream_generate(model, draft, tokenizer, prompt, **kwargs):
-        if verbose:
-            print(response.text, end="", flush=True)
+        if verbose:  # the banner only once generation really started (no banner on errors)
+            print(
+                ("=" * 10 + "\n" if response.generation_tokens == 1 else "") + response.text,
+                end="",
+                flush=True,
+            )
         text += response.text
-        if response.cycles and response.accepted is not None:
-            accepted[response.cycles] = response.accepted + 1
+        if response.cycles:
+            per_cycle[response.cycles] = response.accepted + 1
     if verbose and response is not None:
         print("\n" + "=" * 10)
         if not text:
@@ -354,8 +423,11 @@ def generate(
             f"{response.generation_tps:.3f} tokens-per-sec"
         )
         print(f"Peak memory: {response.peak_memory:.3f} GB")
-        print(f"Acceptance length (tau): {response.acceptance_length:.2f} tokens per cycle")
-        print("Accepted per cycle: " + format_histogram(Counter(accepted.values())))
+        if response.cycles == 0:
+            print("Acceptance length (tau): n/a (no draft cycle ran)")
+        else:
+            print(f"Acceptance length (tau): {response.acceptance_length:.2f} tokens per cycle")
+            print("Tokens per cycle: " + format_histogram(Counter(per_cycle.values())))
     return text
 
 
@@ -364,88 +436,307 @@ def format_histogram(counts: Counter) -> str:
     return "  ".join(f"{k}:{100 * v / total:.0f}%" for k, v in sorted(counts.items()))
 
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "examples" / "demo"
-DEFAULT_PROMPT = "    def __repr__(self):\\n"
+# The CLI: `dflash-mlx generate`, option for option `mlx_lm generate` (same names, defaults,
+# semantics and help) wherever the option makes sense with a DFlash draft.
+DEFAULT_PROMPT = "    def __repr__(self):\\n"  # the demo target writes Python
+DEFAULT_MAX_TOKENS = 100
+DEFAULT_TEMP = 0.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_MIN_P = 0.0
+DEFAULT_TOP_K = 0
+DEFAULT_XTC_PROBABILITY = 0.0
+DEFAULT_XTC_THRESHOLD = 0.1
+DEFAULT_MIN_TOKENS_TO_KEEP = 1
+DEFAULT_QUANTIZED_KV_START = 5000
+DEFAULT_PREFILL_STEP_SIZE = 2048
+
+
+def str2bool(string: str) -> bool:
+    """mlx_lm's reading of --verbose: anything but 'false' / 'f' (any case) is true."""
+    return string.lower() not in ["false", "f"]
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
+    """Set up and return the argument parser."""
     parser = argparse.ArgumentParser(
         prog="dflash-mlx generate",
         description="Generate text with DFlash speculative decoding (output equals the "
         "target's own for greedy decoding; same distribution when sampling).",
     )
-    parser.add_argument("--model", help="target: path or Hub id (default: the demo target)")
-    parser.add_argument("--draft-model", help="DFlash draft: path or Hub id (default: demo draft)")
-    parser.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="prompt ('-' reads stdin)")
-    parser.add_argument("--system-prompt", default=None, help="system prompt for the chat template")
-    parser.add_argument("--max-tokens", "-m", type=int, default=256)
-    parser.add_argument("--temp", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--ignore-chat-template", action="store_true")
-    parser.add_argument("--chat-template-config", default=None, help="JSON of template kwargs")
-    parser.add_argument("--extra-eos-token", type=str, nargs="+", default=())
-    parser.add_argument("--prefill-step-size", type=int, default=2048)
-    parser.add_argument("--block-size", type=int, default=None, help="default: the draft's")
     parser.add_argument(
-        "--draft-window", type=int, default=None, help="draft attends to at most this much context"
+        "--model",
+        type=str,
+        default=None,
+        help="The path to the local model directory or Hugging Face repo. "
+        "If no model is specified, then the demo target is used.",
+    )
+    parser.add_argument(
+        "--draft-model",
+        type=str,
+        default=None,
+        help="The DFlash draft for the model: a converted or published checkpoint "
+        "directory, or Hugging Face repo (default: the demo draft, for the demo target).",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Enable trusting remote code for tokenizer",
+    )
+    parser.add_argument(
+        "--adapter-path",
+        type=str,
+        help="Optional path for the trained adapter weights and config.",
+    )
+    parser.add_argument(
+        "--extra-eos-token",
+        type=str,
+        default=(),
+        nargs="+",
+        help="Add tokens in the list of eos tokens that stop generation.",
+    )
+    parser.add_argument(
+        "--system-prompt",
+        default=None,
+        help="System prompt to be used for the chat template",
+    )
+    parser.add_argument(
+        "--prompt",
+        "-p",
+        default=DEFAULT_PROMPT,
+        help="Message to be processed by the model ('-' reads from stdin)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        "-m",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help="Maximum number of tokens to generate",
+    )
+    parser.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="Sampling temperature")
+    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="Sampling top-p")
+    parser.add_argument("--min-p", type=float, default=DEFAULT_MIN_P, help="Sampling min-p")
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="Sampling top-k")
+    parser.add_argument(
+        "--xtc-probability",
+        type=float,
+        default=DEFAULT_XTC_PROBABILITY,
+        help="Probability of XTC sampling to happen each next token",
+    )
+    parser.add_argument(
+        "--xtc-threshold",
+        type=float,
+        default=DEFAULT_XTC_THRESHOLD,
+        help="Threshold the probs of each next token candidate to be sampled by XTC",
+    )
+    parser.add_argument(
+        "--min-tokens-to-keep",
+        type=int,
+        default=DEFAULT_MIN_TOKENS_TO_KEEP,
+        help="Minimum tokens to keep for min-p sampling.",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
+    parser.add_argument(
+        "--ignore-chat-template",
+        action="store_true",
+        help="Use the raw prompt without the tokenizer's chat template.",
+    )
+    parser.add_argument(
+        "--chat-template-config",
+        help="Additional config for `apply_chat_template`. Should be a dictionary of"
+        " string keys to values represented as a JSON decodable string.",
+        default=None,
     )
     parser.add_argument(
         "--verbose",
-        type=lambda s: s.lower() in ("1", "true", "yes"),
-        nargs="?",
-        const=True,
+        type=str2bool,
         default=True,
-        help="print statistics (default: true)",
+        help="Log verbose output when 'True' or 'T' or only print the response when 'False' or 'F'",
+    )
+    parser.add_argument(
+        "--max-kv-size",
+        type=int,
+        help="Set the maximum key-value cache size",
+        default=None,
+    )
+    parser.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=DEFAULT_PREFILL_STEP_SIZE,
+        help="Number of prompt tokens to process at a time. Smaller values "
+        f"lower peak memory during prefill (default: {DEFAULT_PREFILL_STEP_SIZE})",
+    )
+    parser.add_argument(
+        "--prompt-cache-file",
+        type=str,
+        default=None,
+        help="A file containing saved KV caches to avoid recomputing them "
+        "(made by `dflash-mlx cache_prompt`)",
+    )
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        help="Number of bits for KV cache quantization. Defaults to no quantization.",
+        default=None,
+    )
+    parser.add_argument(
+        "--kv-group-size",
+        type=int,
+        help="Group size for KV cache quantization.",
+        default=64,
+    )
+    parser.add_argument(
+        "--quantized-kv-start",
+        help="When --kv-bits is set, start quantizing the KV cache from this step onwards.",
+        type=int,
+        default=DEFAULT_QUANTIZED_KV_START,
+    )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="Tokens per DFlash cycle: the anchor and the drafted tokens (default: the draft's)",
+    )
+    parser.add_argument(
+        "--draft-window",
+        type=int,
+        default=None,
+        help="The draft attends to at most this many recent context positions "
+        "(default: all of them)",
     )
     return parser
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    """Every option's value, before anything is loaded: one line naming the flag."""
+    for flag in ("temp", "top_p", "min_p", "xtc_probability", "xtc_threshold"):
+        if not math.isfinite(getattr(args, flag)):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number")
     if args.max_tokens == 0 or args.max_tokens < -1:
-        raise ValueError(f"--max-tokens must be positive or -1, got {args.max_tokens}")
+        raise ValueError(f"--max-tokens must be positive or -1 (no limit), got {args.max_tokens}")
     if args.temp < 0:
         raise ValueError(f"--temp must be >= 0, got {args.temp}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0 <= args.top_p <= 1:
+        raise ValueError(f"--top-p must be in [0, 1], got {args.top_p}")
     if not 0 <= args.min_p <= 1:
         raise ValueError(f"--min-p must be in [0, 1], got {args.min_p}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.min_tokens_to_keep < 1:
+        raise ValueError(f"--min-tokens-to-keep must be >= 1, got {args.min_tokens_to_keep}")
+    if not 0 <= args.xtc_probability <= 1:
+        raise ValueError(f"--xtc-probability must be in [0, 1], got {args.xtc_probability}")
+    if not 0 <= args.xtc_threshold <= 0.5:
+        raise ValueError(f"--xtc-threshold must be in [0, 0.5], got {args.xtc_threshold}")
+    if args.kv_bits is not None and args.kv_bits not in (2, 3, 4, 5, 6, 8):
+        raise ValueError(f"--kv-bits must be one of 2, 3, 4, 5, 6, 8, got {args.kv_bits}")
+    if args.kv_group_size not in (32, 64, 128):
+        raise ValueError(f"--kv-group-size must be 32, 64 or 128, got {args.kv_group_size}")
+    if args.quantized_kv_start < 0:
+        raise ValueError(f"--quantized-kv-start must be >= 0, got {args.quantized_kv_start}")
+    if args.max_kv_size is not None and args.max_kv_size < 1:
+        raise ValueError(f"--max-kv-size must be positive, got {args.max_kv_size}")
+    if args.kv_bits is not None and args.max_kv_size is not None:
+        raise ValueError("--kv-bits does not work with --max-kv-size (a rotating KV cache)")
+    if args.prefill_step_size < 1:
+        raise ValueError(f"--prefill-step-size must be positive, got {args.prefill_step_size}")
     if args.block_size is not None and not 1 <= args.block_size <= 64:
         raise ValueError(f"--block-size must be in 1…64, got {args.block_size}")
     if args.draft_window is not None and args.draft_window < 1:
         raise ValueError(f"--draft-window must be positive, got {args.draft_window}")
-    if args.prefill_step_size < 1:
-        raise ValueError(f"--prefill-step-size must be positive, got {args.prefill_step_size}")
+    if args.prompt_cache_file is not None and not Path(args.prompt_cache_file).is_file():
+        raise ValueError(f"--prompt-cache-file {args.prompt_cache_file}: no such file")
+
+
+def _template_kwargs(text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--chat-template-config is not valid JSON: {e}") from e
+    if not isinstance(kwargs, dict):
+        raise ValueError("--chat-template-config must be a JSON object")  # noqa: TRY004 (bad input)
+    return kwargs
+
+
+def _read_prompt(text: str) -> str:
+    prompt = text.replace("\\n", "\n").replace("\\t", "\t")
+    if prompt != "-":
+        return prompt
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode()
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"the prompt on stdin is not UTF-8 text: byte {data[e.start]:#04x} at offset {e.start}"
+        ) from None
+
+
+def _cache_metadata(path: str) -> dict:
+    """The user metadata of a prompt cache file (which model and draft made it)."""
+    from mlx_lm.models.cache import load_prompt_cache as read_cache_file
+
+    try:
+        _, metadata = read_cache_file(path, return_metadata=True)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"--prompt-cache-file {path} is not a prompt cache file: {e}") from e
+    return metadata
+
+
+def _model_paths(args: argparse.Namespace, metadata: dict) -> tuple[str, str]:
+    from . import demo
+
+    model = args.model or metadata.get("model")
+    draft = args.draft_model or metadata.get("draft_model")
+    if model is not None and draft is None and not demo.is_demo(model):
+        raise ValueError("--model needs --draft-model: the demo draft fits the demo target only")
+    if draft is not None and model is None and not demo.is_demo(draft):
+        raise ValueError("--draft-model needs --model: the draft's target")
+    return model or str(demo.TARGET), draft or str(demo.DRAFT)
 
 
 def run(args: argparse.Namespace) -> None:
+    from mlx_lm.models.cache import QuantizedKVCache
+
     from .loading import load, load_draft
 
     _check_args(args)
-    template_kwargs = {}
-    if args.chat_template_config is not None:
-        try:
-            template_kwargs = json.loads(args.chat_template_config)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--chat-template-config is not valid JSON: {e}") from e
-    if (args.model is None or args.draft_model is None) and not (DEMO_DIR / "target").exists():
-        raise ValueError("give --model and --draft-model (the demo pair is not installed)")
-    model_path = args.model or str(DEMO_DIR / "target")
-    draft_path = args.draft_model or str(DEMO_DIR / "draft")
+    template_kwargs = _template_kwargs(args.chat_template_config)
+    prompt = _read_prompt(args.prompt)  # before loading anything: bad input fails fast
+
+    using_cache = args.prompt_cache_file is not None
+    metadata = _cache_metadata(args.prompt_cache_file) if using_cache else {}
+    tokenizer_config = json.loads(metadata.get("tokenizer_config", "{}"))
+    tokenizer_config["trust_remote_code"] = args.trust_remote_code
+    model_path, draft_path = _model_paths(args, metadata)
     if args.seed is not None:
         mx.random.seed(args.seed)
 
-    model, tokenizer = load(model_path)
+    model, tokenizer = load(
+        model_path,
+        adapter_path=args.adapter_path,
+        tokenizer_config=tokenizer_config,
+        trust_remote_code=args.trust_remote_code,
+    )
     draft = load_draft(draft_path)
+    check_pair(model, draft)
+    prompt_cache = None
+    if using_cache:
+        from .session import load_prompt_cache
+
+        prompt_cache, _ = load_prompt_cache(args.prompt_cache_file, model, draft)
+        if isinstance(prompt_cache[0], QuantizedKVCache):
+            if args.kv_bits is not None and args.kv_bits != prompt_cache[0].bits:
+                raise ValueError(
+                    "--kv-bits does not match the kv cache loaded from --prompt-cache-file."
+                )
+            if args.kv_group_size != prompt_cache[0].group_size:
+                raise ValueError(
+                    "--kv-group-size does not match the kv cache loaded from --prompt-cache-file."
+                )
     for eos_token in args.extra_eos_token:
         tokenizer.add_eos_token(eos_token)
 
-    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
-    prompt = sys.stdin.read() if prompt == "-" else prompt
     use_chat_template = not args.ignore_chat_template and tokenizer.has_chat_template
     if use_chat_template:
         messages = (
@@ -457,7 +748,17 @@ def run(args: argparse.Namespace) -> None:
         prompt = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, **template_kwargs
         )
+        if using_cache:
+            # As mlx_lm: the cache holds the start of the user's message (see cache_prompt),
+            # so only what follows it in the templated text is new.
+            messages[-1]["content"] = "<query>"
+            test_prompt = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            prompt = prompt[test_prompt.index("<query>") :]
     prompt = tokenizer.encode(prompt, add_special_tokens=not use_chat_template)
+    if not prompt:
+        raise ValueError("the prompt is empty")
 
     text = generate(
         model,
@@ -469,10 +770,19 @@ def run(args: argparse.Namespace) -> None:
         temp=args.temp,
         top_p=args.top_p,
         min_p=args.min_p,
+        min_tokens_to_keep=args.min_tokens_to_keep,
         top_k=args.top_k,
+        xtc_probability=args.xtc_probability,
+        xtc_threshold=args.xtc_threshold,
+        xtc_special_tokens=tokenizer.encode("\n") + list(tokenizer.eos_token_ids),
+        prompt_cache=prompt_cache,
+        max_kv_size=args.max_kv_size,
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
+        quantized_kv_start=args.quantized_kv_start,
+        prefill_step_size=args.prefill_step_size,
         block_size=args.block_size,
         draft_window=args.draft_window,
-        prefill_step_size=args.prefill_step_size,
     )
     if not args.verbose:
         print(text)

@@ -117,10 +117,10 @@ class Rollback:
         """Hooks that record what a commit replays (only while a verify runs)."""
         for _, mixer, rec, gdn in self.recurrent:
 
-            def run(call, module, *args, _rec=rec, _gdn=gdn, **kwargs):
+            def run(call, module, *args, _rec=rec, **kwargs):
                 token = _recording.set(_rec)
                 try:
-                    if _rec.active and _gdn is None:
+                    if _rec.active:
                         _rec.mixer_call = (args, kwargs)
                     return call(module, *args, **kwargs)
                 finally:

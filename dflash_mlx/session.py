@@ -35,6 +35,7 @@ from .kernels import routing
 from .patch import Patches
 from .rollback import Rollback
 from .sampling import SamplingParams
+from .static_cache import Length, StaticKVCache
 from .tap import CALLED, Tap, bind_caches, embedding_and_head, target_layers
 
 _META_PREFIX = "dflash_"
@@ -164,6 +165,9 @@ class VerifySession:
         self._pending: mx.array | None = None  # committed features not in the draft cache yet
         self._verify: tuple[int, int] | None = None  # (offset before, block length)
         self._unquantized: dict[int, Any] = {}
+        self.length: Length | None = None  # set while the caches are static (go_static)
+        self._inflight = 0  # static verifies whose accepted count the host has not read
+        self._last_start = self.offset  # offset before the last committed cycle's block
 
     def _check_offsets(self) -> int:
         target = {c.offset for c in self.target_cache if hasattr(c, "offset")}
@@ -224,7 +228,8 @@ class VerifySession:
         return logits[0]
 
     def _write_back(self) -> None:
-        self.cache[: len(self.target_cache)] = self.target_cache
+        if self.length is None:  # static buffers never reach the caller's list
+            self.cache[:] = self.target_cache + self.draft_cache
 
     # -- the cycle --------------------------------------------------------------------
 
@@ -276,6 +281,8 @@ class VerifySession:
         self._flush()
         if n == 0:
             return mx.zeros((0,), dtype=mx.int32), None
+        if self.length is not None:  # the cycle's first write into the static buffers
+            self._reserve(n + 1)
         return self.draft.propose(anchor, self.draft_cache, n, sampling, window)
 
     def verify(self, block: mx.array) -> mx.array:
@@ -287,6 +294,8 @@ class VerifySession:
         if self.rollback is None:
             raise RuntimeError("verify before prefill")
         L = block.size
+        if self.length is not None:
+            return self._verify_static(block)
         self._verify = (self.offset, L)
         self.rollback.checkpoint()
         split = self.kv.start - self.offset if self.kv.bits is not None else 0
@@ -326,10 +335,18 @@ class VerifySession:
     def _quantizable(self) -> bool:
         return any(isinstance(c, KVCache) for c in self.target_cache)
 
-    def commit(self, n_keep: int) -> None:
+    def commit(self, n_keep: int | mx.array) -> None:
         """Keep the first n_keep block positions of the last verify (anchor included).
-        May be called again with a smaller n_keep until the next verify."""
+        May be called again with a smaller n_keep until the next verify. Static caches
+        take n_keep as a device array: nothing waits for the host."""
+        if self.length is not None:
+            # The verify's features of the whole block go to the draft's context at the
+            # current offset; only the first n_keep count once the length moves.
+            self.draft.add_context(self._features, self.draft_cache)
+            self.length.set(self.length.offset + n_keep)
+            return
         start, L = self._verify
+        self._last_start = start
         self.target_cache[:] = self._after_verify  # a second commit starts over
         if self._unquantized and start + n_keep < self.kv.start:
             # mlx_lm quantizes once its cache reaches kv.start: short of it, go on with
@@ -345,11 +362,91 @@ class VerifySession:
     def state_arrays(self) -> list[Any]:
         """What to evaluate to make the caches real (after a commit)."""
         pending = [] if self._pending is None else [self._pending]
-        return [c.state for c in self.cache] + pending
+        length = [] if self.length is None else [self.length.offset]
+        return [c.state for c in self.target_cache + self.draft_cache] + pending + length
+
+    # -- static caches: lengths on the device, so cycles queue ahead of the host --------
+
+    def can_go_static(self, positions: int | None = None) -> bool:
+        """Every cache a plain KVCache, no KV quantization (static_cache.py), and the
+        sequence (`positions`, if known) short enough for this backend to gain."""
+        caches = self.target_cache + self.draft_cache
+        if self.kv.bits is not None or not all(type(c) is KVCache for c in caches):
+            return False
+        limit = STATIC_MAX_POSITIONS.get(_backend(), 0)
+        return positions is not None and positions <= limit
+
+    def go_static(self, headroom: int) -> None:
+        self.length = Length(self.offset, _capacity(self.offset + headroom))
+        self.target_cache[:] = [
+            StaticKVCache.from_kv_cache(c, self.length) for c in self.target_cache
+        ]
+        self.draft_cache[:] = [
+            StaticKVCache.from_kv_cache(c, self.length) for c in self.draft_cache
+        ]
+        self._inflight = 0
+
+    def _reserve(self, L: int) -> None:
+        """Room for this cycle's L rows: the device's offset may be up to L per unread
+        cycle past the host's, and nothing may be written past the capacity."""
+        need = self.offset + L * (self._inflight + 1)
+        if need > self.length.capacity:
+            self.length.capacity = _capacity(need)
+            self.length.set(self.length.offset)  # masks are per capacity
+            for c in self.target_cache + self.draft_cache:
+                c.grow(self.length.capacity)
+
+    def _verify_static(self, block: mx.array) -> mx.array:
+        self._reserve(block.size)
+        self._inflight += 1
+        with routing.verifying():
+            logits = self._forward(block)
+        self._features = self.tap.features()
+        return logits
+
+    def committed(self, n_keep: int) -> None:
+        """The host has read a static cycle's accepted count: n_keep positions."""
+        self._last_start = self.offset
+        self.offset += n_keep
+        self._inflight -= 1
+
+    def keep(self, n_keep: int) -> None:
+        """Of the last cycle the host read, keep n_keep positions (anchor included); in
+        static mode this also ends it, dropping any cycle queued after that one."""
+        if self.length is not None:
+            n = self._last_start + n_keep
+            self.target_cache[:] = [c.to_kv_cache(n) for c in self.target_cache]
+            self.draft_cache[:] = [c.to_kv_cache(n) for c in self.draft_cache]
+            self.length, self.offset, self._inflight = None, n, 0
+            self._write_back()
+        elif self._verify is not None:
+            self.commit(n_keep)
 
     def finish(self) -> None:
         """Leave the draft cache holding the context of every fed position."""
         self._flush()
+
+
+# Where static caches measured no slower than the general path (positions = prompt +
+# max_tokens), per backend. H200, MLX 0.32.4 CUDA, Qwen3-8B shape, bf16, one process
+# alternating both loops (benchmarks/ab_cycle.py; benchmarks/results/cycle_session4.md):
+# 15.0-16.9 vs 22.3 ms per cycle at 1k, 26.8 vs 28.8 at 4k, 29.3 vs 31.0 at 8k, but
+# 24-25.5 vs 15.4-19.7 at 16k: a write at a device-side offset costs more as the buffer
+# grows (0.17 vs 0.10 ms per 34 MB buffer, bench_slice_update.py), ~90 writes a cycle.
+# Metal and the CPU: not measured, so not used.
+STATIC_MAX_POSITIONS: dict[str, int] = {"cuda": 8192}
+
+
+def _backend() -> str:
+    if mx.default_device() != mx.gpu:
+        return "cpu"
+    return "metal" if mx.metal.is_available() else "cuda" if mx.cuda.is_available() else "cpu"
+
+
+def _capacity(n: int) -> int:
+    """Static buffer rows for n positions: whole 256s, as mlx_lm's KVCache grows (masked
+    attention reads the whole buffer, so little slack; growing copies it, so not often)."""
+    return -(-n // 256) * 256
 
 
 def _decode_window_mask(cache: RotatingKVCache, N: int) -> mx.array:

@@ -73,6 +73,15 @@ def write_random_draft(
     return path
 
 
+@pytest.fixture(autouse=True)
+def static_caches_on_the_cpu(monkeypatch):
+    """Dense targets take the static-cache loop (what a CUDA user runs) in every test;
+    tests of the general loop (what Metal and CPU users run) switch it off."""
+    from dflash_mlx import session
+
+    monkeypatch.setitem(session.STATIC_MAX_POSITIONS, "cpu", 1 << 30)
+
+
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("models")

@@ -742,3 +742,33 @@ def test_cuda_verify_forward_under_routing(monkeypatch):
         routed = model(block, cache=cache)
     err = (mx.linalg.norm(routed - stock) / mx.linalg.norm(stock)).item()
     assert err < 1e-4
+
+
+def test_static_cache_verify_runs_the_kernel_up_to_the_device_length(emu_dir, monkeypatch):
+    """Static buffers (length on the device, capacity larger, stale rows past it): the
+    routed kernel reads the key count from the device and matches stock attention on a
+    plain cache of exactly that length."""
+    from dflash_mlx.static_cache import Length, StaticKVCache
+
+    monkeypatch.setenv(attention.SWITCH_ENV, "kernel")
+    model = _tiny_qwen3()
+    block = mx.random.randint(0, 101, (1, 16), key=mx.random.key(9))
+    plain = _prefill(model, 45)
+    length = Length(45, 300)
+    static = [StaticKVCache.from_kv_cache(c, length) for c in plain]
+    for c in static:  # stale rows where rejected drafts were: must stay invisible
+        c.keys[..., 61:, :] = 7.0
+        c.values[..., 61:, :] = -7.0
+    stock = model(block, cache=plain)
+    calls: list = []
+
+    def counting(*a):
+        calls.append(a[0])
+        return emulator.factory(emu_dir)(*a)
+
+    with attention.use_backend("metal", counting), verify_attention(model):
+        routed = model(block, cache=static)
+    assert "dflash_block_attention" in calls
+    assert length.offset.item() == 45  # writing a block does not move the length
+    err = (mx.linalg.norm(routed - stock) / mx.linalg.norm(stock)).item()
+    assert err < 1e-5

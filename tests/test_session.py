@@ -48,7 +48,7 @@ def pair(session_dir):
 
 
 def mlx_lm_tokens(model, prompt, n, **kw):
-    gen = generate_step(mx.array(prompt), model, **kw)
+    gen = generate_step(mx.array(prompt), model, max_tokens=n, **kw)
     return [int(t) for t, _ in zip((t for t, _ in gen), range(n))]
 
 
@@ -343,3 +343,48 @@ def test_max_kv_size_equals_mlx_lm(pair, max_kv_size):
     # would move them by whole units).
     err = max(mx.abs(a.logprobs - b.logprobs).max().item() for a, b in zip(got, expected))
     assert err < 1e-4
+
+
+def test_static_buffers_grow_losslessly(pair):
+    """Static caches (a dense target) grow in 256-row steps while cycles are queued ahead
+    of the host: 330 tokens of mostly accepted blocks cross two growths."""
+    model, _, draft = pair("qwen3")
+    expected = mlx_lm_tokens(model, PROMPT, 330)
+    oracle = OracleDraft(draft.config, PROMPT + expected + [0] * 16, [None, 6, None, 2])
+    with VerifySession(model, draft) as probe:
+        assert probe.can_go_static(len(PROMPT) + 330)
+    got = dflash_tokens(model, oracle, PROMPT, 330, block_size=8)
+    assert got == expected
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe"])
+def test_general_loop_on_dense_targets_equals_mlx_lm(pair, family, monkeypatch):
+    """With static caches off (Metal, the CPU, long contexts on CUDA), dense targets run
+    the general loop: greedy and a prompt-cache second turn equal mlx_lm's."""
+    from dflash_mlx import session
+
+    monkeypatch.setitem(session.STATIC_MAX_POSITIONS, "cpu", 0)
+    model, tokenizer, draft = pair(family)
+    with VerifySession(model, draft) as probe:
+        assert not probe.can_go_static(64)
+    expected = mlx_lm_tokens(model, PROMPT, 64)
+    oracle = OracleDraft(draft.config, PROMPT + expected + [0] * 8, [None, 3, 0, 6])
+    assert dflash_tokens(model, oracle, PROMPT, 64, block_size=8) == expected
+    expected = _turns(mlx_lm_stream_generate, model, tokenizer, mlx_lm_make_prompt_cache(model))
+    got = _turns(stream_generate, model, tokenizer, make_prompt_cache(model, draft), draft)
+    assert got == expected
+
+
+def test_static_loop_is_only_chosen_where_measured(pair, monkeypatch):
+    """Static caches only on backends (and lengths) where they measured no slower."""
+    from dflash_mlx import session
+
+    model, _, draft = pair("qwen3")
+    monkeypatch.setitem(session.STATIC_MAX_POSITIONS, "cpu", 100)
+    with VerifySession(model, draft) as s:
+        assert s.can_go_static(100) and not s.can_go_static(101) and not s.can_go_static(None)
+    with VerifySession(model, draft, kv_bits=8) as s:
+        assert not s.can_go_static(10)
+    monkeypatch.delitem(session.STATIC_MAX_POSITIONS, "cpu")
+    with VerifySession(model, draft) as s:
+        assert not s.can_go_static(10)

@@ -1,7 +1,8 @@
 """Block attention: the custom kernel where it runs and pays off, else MLX's SDPA.
 
 The switch: DFLASH_BLOCK_ATTENTION=auto (default) | kernel | sdpa, read at every call.
-  auto    the kernel on a GPU backend, for the shapes where it measured faster
+  auto    the kernel on a GPU backend, for the shapes where it measured faster (this
+          machine's calibration, dflash_mlx.calibrate, else THRESHOLDS below)
   kernel  the kernel wherever it is supported (A/B runs)
   sdpa    always mx.fast.scaled_dot_product_attention
 On the CPU, for unsupported shapes, and when a kernel fails to compile or to pass its
@@ -140,7 +141,8 @@ def supports(q: mx.array, k: mx.array, v: mx.array, window: int | None) -> bool:
 #   every new key length; a decode loop grows the keys every cycle, so the stock 8B
 #   cycle took 139 ms against 13 ms through the kernel, although at a fixed length the
 #   kernel is only 0.7-1.7x cuDNN's speed. Lq=1 stays with SDPA (0.9-1.1x: no gain).
-# - metal: never measured (no Apple GPU available to this project).
+# - metal: never measured (no Apple GPU available to this project): a calibration of the
+#   user's machine (python -m dflash_mlx.calibrate) decides there.
 THRESHOLDS: dict[str, dict[tuple[int, int, int], int]] = {
     "cuda": {(64, 2, 32): 0, (128, 2, 32): 0, (256, 1, 32): 1024},
     "metal": {},
@@ -148,7 +150,13 @@ THRESHOLDS: dict[str, dict[tuple[int, int, int], int]] = {
 
 
 def prefers_kernel(backend: str, lq: int, s: int, D: int, group: int) -> bool:
-    """Auto mode: the kernel only where it measured faster than SDPA."""
+    """Auto mode: the kernel only where it measured faster than SDPA: on this machine
+    (dflash_mlx.calibrate) if it was calibrated for this head dim, else THRESHOLDS."""
+    from .. import calibrate  # late: calibrate imports this module
+
+    decision = calibrate.attention_decision(backend, lq, s, D)
+    if decision is not None:
+        return decision
     for (d, lq_min, lq_max), s_min in THRESHOLDS.get(backend, {}).items():
         if d == D and lq_min <= lq <= lq_max and s >= s_min:
             return True
@@ -195,18 +203,20 @@ def launch(
     backend: str,
     factory: KernelFactory,
     init_value: float | None = None,
+    valid_length: mx.array | None = None,
 ) -> mx.array:
     """Run the kernel (both passes when the plan splits the keys).
 
-    init_value fills the outputs first (tests poison them with NaN)."""
+    init_value fills the outputs first (tests poison them with NaN). valid_length (an
+    int32 device scalar): only the first valid_length keys count, the queries being the
+    last Lq of them (static caches: the plan covers the buffer, the kernel stops there)."""
     B, Hq, Lq, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     split = plan.nsplit > 1
     rows = B * Hq * Lq
-    params = _int_array(
-        (Lq, G, S, Hkv, plan.kv_lo, plan.split_len, plan.nsplit, int(causal), window or 0, 0)
-    )
+    fields = (Lq, G, S, Hkv, plan.kv_lo, plan.split_len, plan.nsplit, int(causal), window or 0, 0)
+    params = _int_array(fields) if valid_length is None else _device_params(fields, valid_length)
     fparams = _float_array(scale * _LOG2E)
     kern = _kernel(backend, factory, 1, plan.smem_bytes)
     outs = kern(
@@ -242,6 +252,23 @@ def launch(
         output_dtypes=[q.dtype],
         init_value=init_value,
     )[0]
+
+
+_device_param_cache: dict = {}
+
+
+def _device_params(fields: tuple, valid_length: mx.array) -> mx.array:
+    """`fields` with the key count (params[2]) taken from the device; built once per
+    forward (all layers share their length array), not once per layer."""
+    key = (fields[:2] + fields[3:], id(valid_length))
+    hit = _device_param_cache.get(key)
+    if hit is None or hit[0] is not valid_length:
+        if len(_device_param_cache) > 64:
+            _device_param_cache.clear()
+        base = _int_array(fields[:2] + (0,) + fields[3:])
+        unit = _int_array(tuple(int(i == 2) for i in range(len(fields))))
+        hit = _device_param_cache[key] = (valid_length, base + valid_length * unit)
+    return hit[1]
 
 
 _TOLERANCE = {mx.float32: 1e-4, mx.float16: 5e-3, mx.bfloat16: 3e-2}
@@ -308,18 +335,8 @@ def _self_check(backend: str, factory: KernelFactory, dtype: mx.Dtype, plan: Pla
     return ok
 
 
-def kernel_attention(
-    queries: mx.array,
-    keys: mx.array,
-    values: mx.array,
-    *,
-    scale: float,
-    causal: bool,
-    window: int | None = None,
-) -> mx.array | None:
-    """The kernel's output, or None where the switch, backend, shape or measured
-    thresholds say to use SDPA instead."""
-    m = mode()
+def _route(m: str, queries: mx.array, keys: mx.array, values: mx.array, window: int | None):
+    """(backend, factory, plan) for this call shape, or None for SDPA."""
     if m == "sdpa":
         return None
     active = active_backend()
@@ -340,6 +357,38 @@ def kernel_attention(
     plan = make_plan(backend, queries.dtype.size, B, Hkv, Hq // Hkv, Lq, S, D, window)
     if plan is None or not _self_check(backend, factory, queries.dtype, plan):
         return None
+    return backend, factory, plan
+
+
+_routes: dict = {}
+_NOT_ROUTED = object()
+
+
+def kernel_attention(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    *,
+    scale: float,
+    causal: bool,
+    window: int | None = None,
+    valid_length: mx.array | None = None,
+) -> mx.array | None:
+    """The kernel's output, or None where the switch, backend, shape or measured
+    thresholds say to use SDPA instead (valid_length: see `launch`).
+
+    The decision and the plan are made once per call shape (a verify makes the same
+    call in every layer): the hot path is one dictionary lookup."""
+    key = (mode(), _override, mx.default_device(), queries.shape, keys.shape, queries.dtype)
+    key += (keys.dtype, values.shape, values.dtype, window)
+    route = _routes.get(key, _NOT_ROUTED)
+    if route is _NOT_ROUTED:
+        if len(_routes) > 4096:
+            _routes.clear()
+        route = _routes[key] = _route(key[0], queries, keys, values, window)
+    if route is None:
+        return None
+    backend, factory, plan = route
     return launch(
         queries,
         keys,
@@ -350,4 +399,5 @@ def kernel_attention(
         window=window,
         backend=backend,
         factory=factory,
+        valid_length=valid_length,
     )

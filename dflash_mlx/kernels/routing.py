@@ -26,6 +26,7 @@ from mlx import nn
 from mlx_lm.models import base as _mlx_lm_base
 
 from ..patch import Patches, original_function
+from ..static_cache import StaticKVCache
 from .attention import kernel_attention
 from .source import MAX_QUERIES
 
@@ -55,8 +56,21 @@ def _make_router(original):
         mask: mx.array | None,
         sinks: mx.array | None = None,
     ) -> mx.array:
-        if _depth.get() > 0 and is_verify_call(queries, keys, cache, mask, sinks):
-            out = kernel_attention(queries, keys, values, scale=scale, causal=True)
+        if _depth.get() > 0:
+            out = None
+            if is_verify_call(queries, keys, cache, mask, sinks):
+                out = kernel_attention(queries, keys, values, scale=scale, causal=True)
+            elif isinstance(cache, StaticKVCache) and sinks is None:
+                # Static buffers: the mask is the causal one up to the device-side
+                # length, which the kernel reads instead of the buffer's size.
+                out = kernel_attention(
+                    queries,
+                    keys,
+                    values,
+                    scale=scale,
+                    causal=True,
+                    valid_length=cache.length.valid(queries.shape[2]),
+                )
             if out is not None:
                 return out
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)

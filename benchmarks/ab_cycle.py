@@ -1,0 +1,114 @@
+"""A/B of two decode loops in ONE process: the cycle time of `dflash_cycles` from this
+checkout against another copy of the package (e.g. an earlier commit), alternating.
+
+    git archive <commit> dflash_mlx | tar -x -C /tmp/old && mv /tmp/old/dflash_mlx /tmp/old/dflash_mlx_old
+    PYTHONPATH=/tmp/old python benchmarks/ab_cycle.py --other dflash_mlx_old --shape 8b \
+        --contexts 1024,16384 --rounds 3
+
+The package uses relative imports, so a renamed copy imports side by side with this one.
+Timings on the GPU machine move by tens of percent between processes; alternating A and
+B on the same model, in the same process, takes that out of the comparison. Each round
+measures the mlx_lm decode step and both loops' production cycle (median of the gaps
+between cycles, `--cycles` cycles after warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_cycle import build
+
+from dflash_mlx.benchmark import decode_step_time
+
+
+def cycle_ms(package, model, draft, prompt, cycles: int, block: int) -> float:
+    gen = package.generate.dflash_cycles(model, draft, prompt, max_tokens=1 << 30, block_size=block)
+    stamps = []
+    try:
+        for i, _ in enumerate(gen):
+            stamps.append(time.perf_counter())
+            if i == cycles + 5:
+                break
+    finally:
+        gen.close()
+    gaps = [b - a for a, b in itertools.pairwise(stamps[5:])]
+    return 1e3 * statistics.median(gaps)
+
+
+def twin_draft(package, draft):
+    """The same draft weights as a model of the other package."""
+    config = package.config.DraftConfig.from_dict(draft.config.to_dict())
+    other = package.drafter.DraftModel(config)
+    other.load_weights(list(__import__("mlx.utils").utils.tree_flatten(draft.parameters())))
+    return other
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--other", required=True, help="importable name of the other package copy")
+    p.add_argument("--shape", default="8b")
+    p.add_argument("--contexts", default="1024,16384")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cycles", type=int, default=24)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    this = importlib.import_module("dflash_mlx")
+    for sub in ("generate", "config", "drafter"):
+        importlib.import_module(f"dflash_mlx.{sub}")
+    other = importlib.import_module(args.other)
+    for sub in ("generate", "config", "drafter"):
+        importlib.import_module(f"{args.other}.{sub}")
+    this.generate = sys.modules["dflash_mlx.generate"]
+    other.generate = sys.modules[f"{args.other}.generate"]
+    model, draft = build(args.shape, mx.bfloat16, args.block_size)
+    other_draft = twin_draft(other, draft)
+    rows = []
+    for ctx in [int(c) for c in args.contexts.split(",")]:
+        prompt = mx.random.randint(0, 1000, (ctx,)).astype(mx.int32)
+        for r in range(args.rounds):
+            ar = 1e3 * decode_step_time(model, prompt, steps=24)
+            a = cycle_ms(this, model, draft, prompt, args.cycles, args.block_size)
+            # The same checkout with static caches off: the general (exact) path.
+            session = sys.modules["dflash_mlx.session"].VerifySession
+            can = session.can_go_static
+            session.can_go_static = lambda self, positions=None: False
+            try:
+                c = cycle_ms(this, model, draft, prompt, args.cycles, args.block_size)
+            finally:
+                session.can_go_static = can
+            b = cycle_ms(other, model, other_draft, prompt, args.cycles, args.block_size)
+            rows.append(
+                {
+                    "context": ctx,
+                    "round": r,
+                    "ar_ms": ar,
+                    "this_ms": a,
+                    "this_no_static_ms": c,
+                    "other_ms": b,
+                }
+            )
+            print(
+                f"ctx {ctx:6d} round {r}: AR {ar:6.2f} ms | this {a:6.2f} ms ({a / ar:5.2f}x) "
+                f"| no static {c:6.2f} ms ({c / ar:5.2f}x) "
+                f"| {args.other} {b:6.2f} ms ({b / ar:5.2f}x)",
+                flush=True,
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"shape": args.shape, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""KV caches whose length lives on the device, so a cycle can be queued before the host
+knows how many tokens the previous one accepted.
+
+`StaticKVCache` holds keys/values preallocated to a capacity and writes a forward's
+keys/values with `mx.slice_update` at the sequence's `Length.offset` (an int32 device
+scalar) without moving it; mlx_lm's attention code then reads the whole buffer, and
+`make_mask` hides what lies past each query's position (stale rows of rejected drafts
+included). One `Length` is shared by every target and draft cache of a sequence; the
+verify session advances it by the accepted count, on the device. A `StaticKVCache` is
+interchangeable with mlx_lm's `KVCache` for the models whose attention only reads
+`cache.offset` as a RoPE offset (llama, mistral, qwen2, qwen3, qwen3_moe).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+
+class Length:
+    """The number of committed positions of one sequence, on the device."""
+
+    def __init__(self, offset: int | mx.array, capacity: int):
+        self.offset = mx.array(offset, dtype=mx.int32).reshape(())
+        self.capacity = capacity
+        self._masks: dict = {}
+
+    def set(self, offset: mx.array) -> None:
+        self.offset = offset.astype(mx.int32).reshape(())
+        self._masks = {}
+
+    def causal_mask(self, n: int) -> mx.array:
+        """[n, capacity]: query i (at offset + i) sees keys 0 … offset + i. One per
+        forward, shared by all layers."""
+        if n not in self._masks:
+            query = self.offset + mx.arange(n, dtype=mx.int32)[:, None]
+            self._masks[n] = mx.arange(self.capacity, dtype=mx.int32)[None] <= query
+        return self._masks[n]
+
+    def valid(self, n: int) -> mx.array:
+        """offset + n: the keys a forward of n queries at the offset may see."""
+        if ("valid", n) not in self._masks:
+            self._masks[("valid", n)] = self.offset + n
+        return self._masks[("valid", n)]
+
+    def block_mask(
+        self, n: int, causal: bool, window: int | None, context_window: int | None
+    ) -> mx.array:
+        """[n, capacity] for a draft block at offset … offset + n - 1: bidirectional over
+        the block (or causal within `window`), the context limited to `context_window`."""
+        key = (n, causal, window, context_window)
+        if key not in self._masks:
+            keys = mx.arange(self.capacity, dtype=mx.int32)[None]
+            query = self.offset + mx.arange(n, dtype=mx.int32)[:, None]
+            visible = keys <= query if causal else keys < self.offset + n
+            if window is not None:
+                visible = visible & (keys > query - window)
+            if context_window is not None:
+                visible = visible & (keys >= self.offset - context_window)
+            self._masks[key] = visible
+        return self._masks[key]
+
+
+class StaticKVCache:
+    """A layer's keys/values [1, H, capacity, D], written at the shared Length's offset."""
+
+    def __init__(self, keys: mx.array, values: mx.array, length: Length):
+        self.keys, self.values, self.length = keys, values, length
+
+    @classmethod
+    def from_kv_cache(cls, c: KVCache, length: Length, like: mx.array | None = None):
+        """Copy a KVCache's first length.offset positions into a buffer of capacity rows
+        (`like`: a [1, H, *, D] array giving the shape when the cache is empty)."""
+        n = int(length.offset.item())
+        keys, values = (c.keys, c.values) if c.keys is not None else (like, like)
+        shape = lambda x: (*x.shape[:2], length.capacity, x.shape[3])
+        k = mx.zeros(shape(keys), dtype=keys.dtype)
+        v = mx.zeros(shape(values), dtype=values.dtype)
+        if n:
+            k[..., :n, :] = c.keys[..., :n, :]
+            v[..., :n, :] = c.values[..., :n, :]
+        return cls(k, v, length)
+
+    def to_kv_cache(self, n: int) -> KVCache:
+        c = KVCache()
+        c.keys, c.values, c.offset = self.keys, self.values, n
+        return c
+
+    def grow(self, capacity: int) -> None:
+        """Reallocate to `capacity` rows (the Length's capacity is set by the caller)."""
+        pad = capacity - self.keys.shape[2]
+        if pad > 0:
+            zeros = lambda x: mx.zeros((*x.shape[:2], pad, x.shape[3]), dtype=x.dtype)
+            self.keys = mx.concatenate([self.keys, zeros(self.keys)], axis=2)
+            self.values = mx.concatenate([self.values, zeros(self.values)], axis=2)
+
+    @property
+    def offset(self) -> mx.array:
+        return self.length.offset
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        start = self.length.offset.reshape(1)
+        self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
+        self.values = mx.slice_update(self.values, values, start, axes=(2,))
+        return self.keys, self.values
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
+        if window_size is not None:
+            raise ValueError("StaticKVCache serves full-attention layers only")
+        return self.length.causal_mask(N)
+
+    def trim(self, n: int) -> int:
+        return 0  # the length moves only when the session commits
+
+    @property
+    def state(self):
+        return self.keys, self.values
+
+    def is_trimmable(self) -> bool:
+        return False
