@@ -17,9 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .convert import check_writable
-
-DEFAULT_QUANTIZED_KV_START = 5000
-DEFAULT_PREFILL_STEP_SIZE = 2048
+from .generate import add_kv_cache_arguments, add_prefill_argument
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -74,31 +72,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         required=True,
         help="Message to be processed by the model ('-' reads from stdin)",
     )
-    parser.add_argument(
-        "--kv-bits",
-        type=int,
-        help="Number of bits for KV cache quantization. Defaults to no quantization.",
-        default=None,
-    )
-    parser.add_argument(
-        "--kv-group-size",
-        type=int,
-        help="Group size for KV cache quantization.",
-        default=64,
-    )
-    parser.add_argument(
-        "--quantized-kv-start",
-        help="When --kv-bits is set, start quantizing the KV cache from this step onwards.",
-        type=int,
-        default=DEFAULT_QUANTIZED_KV_START,
-    )
-    parser.add_argument(
-        "--prefill-step-size",
-        type=int,
-        default=DEFAULT_PREFILL_STEP_SIZE,
-        help="Number of prompt tokens to process at a time. Smaller values "
-        f"lower peak memory during prefill (default: {DEFAULT_PREFILL_STEP_SIZE})",
-    )
+    add_kv_cache_arguments(parser)
+    add_prefill_argument(parser)
     return parser
 
 

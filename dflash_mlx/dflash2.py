@@ -18,13 +18,13 @@ Parameter names are the published checkpoints' own (the codebooks are stored as 
 tensors `candidate_selector.{predecessor,successor}_codebook`, not `.weight`), so weights
 load without renaming. Like DFlash, the draft borrows the target's embedding and head.
 
-`finish_logits` and `draft_embed_scale` are the Gemma-4 draft specifics (output
-multiplier, final softcapping, embedding scale); the DFlash 1 model uses them too.
+The attention, MLP, binding to the target and the context cache are DFlash's own
+(drafter.py), so every cache kind the decode loop uses (static caches included) works
+the same for both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -32,94 +32,7 @@ from mlx import nn
 from mlx_lm.models.cache import KVCache
 
 from .config import DraftConfig
-from .kernels import block_attention
-from .rope import make_rope
-
-
-def finish_logits(logits: mx.array, config: DraftConfig) -> mx.array:
-    """The draft's logits from the target head's output: z-lab multiplies by
-    output_multiplier, then caps them softly (tanh) at final_logit_softcapping."""
-    if config.output_multiplier != 1.0:
-        logits = logits * config.output_multiplier
-    cap = config.final_logit_softcapping
-    if cap:
-        logits = mx.tanh(logits / cap) * cap
-    return logits
-
-
-def target_embed_scale(target: nn.Module) -> float:
-    """The factor the target multiplies its token embeddings by (sqrt(H) for Gemma 4,
-    1 for most). The draft's block input is scaled the same way, as z-lab's MLX runtime
-    (the one that runs Gemma 4 drafts) does."""
-    for path in ("model", "language_model.model", "language_model", ""):
-        m = target
-        for name in filter(None, path.split(".")):
-            m = getattr(m, name, None)
-        if m is not None and hasattr(m, "embed_tokens"):
-            scale = getattr(m.embed_tokens, "embed_scale", getattr(m, "embed_scale", 1.0))
-            return float(scale)
-    return 1.0
-
-
-def draft_embed_scale(config: DraftConfig, target: nn.Module) -> float:
-    """What the draft multiplies the target's raw token embeddings by."""
-    return target_embed_scale(target) * config.input_embedding_scale
-
-
-class Attention(nn.Module):
-    def __init__(self, config: DraftConfig, layer_type: str):
-        super().__init__()
-        dim, d = config.hidden_size, config.head_dim
-        self.n_heads = config.num_attention_heads
-        self.n_kv_heads = config.num_key_value_heads
-        self.scale = d**-0.5
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(dim, self.n_heads * d, bias=bias)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * d, bias=bias)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * d, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * d, dim, bias=bias)
-        self.q_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
-        self.k_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
-        self.causal = config.layer_causal(layer_type)
-        sliding = layer_type == "sliding_attention"
-        self.window = config.sliding_window if sliding else None
-
-    def _kv(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        B, L, _ = x.shape
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
-        return self.k_norm(k).transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-
-    def add_context(self, context: mx.array, rope: nn.Module, cache: KVCache) -> None:
-        k, v = self._kv(context)
-        cache.update_and_fetch(rope(k, offset=cache.offset), v)
-
-    def __call__(self, x, rope, cache: KVCache, context_window: int | None) -> mx.array:
-        B, L, _ = x.shape
-        start = cache.offset
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
-        q = rope(self.q_norm(q).transpose(0, 2, 1, 3), offset=start)
-        k, v = self._kv(x)
-        # The block's keys/values join the context in the cache buffer for this forward
-        # only (trimmed right away): the cached context is never copied.
-        k, v = cache.update_and_fetch(rope(k, offset=start), v)
-        cache.trim(L)
-        if context_window is not None and start > context_window:
-            k = k[..., start - context_window :, :]
-            v = v[..., start - context_window :, :]
-        out = block_attention(q, k, v, scale=self.scale, causal=self.causal, window=self.window)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
-        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+from .drafter import MLP, Attention, DraftModel
 
 
 def grouped_causal_conv(
@@ -169,7 +82,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: DraftConfig, layer_type: str):
         super().__init__()
         H = config.hidden_size
-        self.self_attn = Attention(config, layer_type)
+        self.self_attn = Attention(config, layer_type == "sliding_attention")
         self.mlp = MLP(H, config.intermediate_size)
         self.input_layernorm = nn.RMSNorm(H, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(H, eps=config.rms_norm_eps)
@@ -236,91 +149,16 @@ class CandidateSelector(nn.Module):
         )
 
 
-class DFlash2DraftModel(nn.Module):
+class DFlash2DraftModel(DraftModel):
+    """DraftModel's binding, context cache and forward, with DFlash 2's layers and the
+    candidate selector proposing."""
+
     def __init__(self, config: DraftConfig):
-        super().__init__()
         if not config.is_dflash2:
             raise ValueError(f"{config.architecture} config given to DFlash2DraftModel")
-        self.config = config
-        H = config.hidden_size
-        self.fc = nn.Linear(config.num_taps * H, H, bias=False)
-        self.hidden_norm = nn.RMSNorm(H, eps=config.rms_norm_eps)
+        super().__init__(config)
         self.layers = [DecoderLayer(config, kind) for kind in config.layer_types]
-        self.norm = nn.RMSNorm(H, eps=config.rms_norm_eps)
         self.candidate_selector = CandidateSelector(config)
-        self.rope = make_rope(config)
-        # Bound from the target by `bind`; kept off the parameter tree.
-        object.__setattr__(self, "_embed", None)
-        object.__setattr__(self, "_lm_head", None)
-        object.__setattr__(self, "_embed_scale", config.input_embedding_scale)
-
-    @property
-    def block_size(self) -> int:
-        return self.config.block_size
-
-    @property
-    def mask_token_id(self) -> int:
-        return self.config.mask_token_id
-
-    def bind_head(
-        self,
-        embed: Callable[[mx.array], mx.array],
-        lm_head: Callable[[mx.array], mx.array],
-        embed_scale: float = 1.0,
-    ) -> DFlash2DraftModel:
-        """Share the target's token embedding and LM head; `embed_scale` is the
-        target's own embedding scale (the draft's input_embedding_scale comes on top)."""
-        object.__setattr__(self, "_embed", embed)
-        object.__setattr__(self, "_lm_head", lm_head)
-        object.__setattr__(self, "_embed_scale", embed_scale * self.config.input_embedding_scale)
-        return self
-
-    def bind(self, target: nn.Module) -> DFlash2DraftModel:
-        from .tap import embedding_and_head
-
-        return self.bind_head(*embedding_and_head(target), target_embed_scale(target))
-
-    def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
-
-    def embed(self, ids: mx.array) -> mx.array:
-        if self._embed is None:
-            raise RuntimeError("draft is not bound to a target: call draft.bind(model)")
-        h = self._embed(ids)
-        return h * self._embed_scale if self._embed_scale != 1.0 else h
-
-    def logits(self, hidden: mx.array) -> mx.array:
-        if self._lm_head is None:
-            raise RuntimeError("draft is not bound to a target: call draft.bind(model)")
-        return finish_logits(self._lm_head(hidden), self.config)
-
-    def add_context(self, context: mx.array, cache: list[KVCache]) -> None:
-        """Append tapped target features [B, S, n_taps * H] to the context cache.
-
-        Context keys/values come straight from hidden_norm(fc(features)): the
-        convolutions act on the block only."""
-        if context.shape[1] == 0:
-            return
-        ctx = self.hidden_norm(self.fc(context))
-        for layer, c in zip(self.layers, cache):
-            layer.self_attn.add_context(ctx, self.rope, c)
-
-    def __call__(
-        self,
-        block: mx.array,
-        context: mx.array | None = None,
-        cache: list[KVCache] | None = None,
-        context_window: int | None = None,
-    ) -> mx.array:
-        """Final-normed hidden states [B, L, H] of a block (ids [B, L] or embeddings
-        [B, L, H]); as DraftModel.__call__."""
-        cache = self.make_cache() if cache is None else cache
-        if context is not None:
-            self.add_context(context, cache)
-        h = self.embed(block) if block.ndim == 2 else block
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, self.rope, c, context_window)
-        return self.norm(h)
 
     def select(
         self, hidden: mx.array, anchor: mx.array, temperature: float = 0.0

@@ -14,11 +14,35 @@ from mlx import nn
 from mlx_lm.models.cache import KVCache
 
 from .config import DraftConfig
-from .dflash2 import finish_logits, target_embed_scale
 from .kernels import block_attention
 from .rope import make_rope
 from .sampling import SamplingParams
 from .static_cache import StaticKVCache
+
+
+def finish_logits(logits: mx.array, config: DraftConfig) -> mx.array:
+    """The draft's logits from the target head's output: z-lab multiplies by
+    output_multiplier, then caps them softly (tanh) at final_logit_softcapping."""
+    if config.output_multiplier != 1.0:
+        logits = logits * config.output_multiplier
+    cap = config.final_logit_softcapping
+    if cap:
+        logits = mx.tanh(logits / cap) * cap
+    return logits
+
+
+def target_embed_scale(target: nn.Module) -> float:
+    """The factor the target multiplies its token embeddings by (sqrt(H) for Gemma 4,
+    1 for most). The draft's block input is scaled the same way, as z-lab's MLX runtime
+    (the one that runs Gemma 4 drafts) does."""
+    for path in ("model", "language_model.model", "language_model", ""):
+        m = target
+        for name in filter(None, path.split(".")):
+            m = getattr(m, name, None)
+        if m is not None and hasattr(m, "embed_tokens"):
+            scale = getattr(m.embed_tokens, "embed_scale", getattr(m, "embed_scale", 1.0))
+            return float(scale)
+    return 1.0
 
 
 class Attention(nn.Module):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections import Counter
@@ -456,6 +455,39 @@ def str2bool(string: str) -> bool:
     return string.lower() not in ["false", "f"]
 
 
+def add_kv_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """mlx_lm's --kv-bits, --kv-group-size and --quantized-kv-start (generate and
+    cache_prompt share them, as mlx_lm's two commands do)."""
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        help="Number of bits for KV cache quantization. Defaults to no quantization.",
+        default=None,
+    )
+    parser.add_argument(
+        "--kv-group-size",
+        type=int,
+        help="Group size for KV cache quantization.",
+        default=64,
+    )
+    parser.add_argument(
+        "--quantized-kv-start",
+        help="When --kv-bits is set, start quantizing the KV cache from this step onwards.",
+        type=int,
+        default=DEFAULT_QUANTIZED_KV_START,
+    )
+
+
+def add_prefill_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=DEFAULT_PREFILL_STEP_SIZE,
+        help="Number of prompt tokens to process at a time. Smaller values "
+        f"lower peak memory during prefill (default: {DEFAULT_PREFILL_STEP_SIZE})",
+    )
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
     """Set up and return the argument parser."""
     parser = argparse.ArgumentParser(
@@ -558,13 +590,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help="Set the maximum key-value cache size",
         default=None,
     )
-    parser.add_argument(
-        "--prefill-step-size",
-        type=int,
-        default=DEFAULT_PREFILL_STEP_SIZE,
-        help="Number of prompt tokens to process at a time. Smaller values "
-        f"lower peak memory during prefill (default: {DEFAULT_PREFILL_STEP_SIZE})",
-    )
+    add_prefill_argument(parser)
     parser.add_argument(
         "--prompt-cache-file",
         type=str,
@@ -572,24 +598,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help="A file containing saved KV caches to avoid recomputing them "
         "(made by `dflash-mlx cache_prompt`)",
     )
-    parser.add_argument(
-        "--kv-bits",
-        type=int,
-        help="Number of bits for KV cache quantization. Defaults to no quantization.",
-        default=None,
-    )
-    parser.add_argument(
-        "--kv-group-size",
-        type=int,
-        help="Group size for KV cache quantization.",
-        default=64,
-    )
-    parser.add_argument(
-        "--quantized-kv-start",
-        help="When --kv-bits is set, start quantizing the KV cache from this step onwards.",
-        type=int,
-        default=DEFAULT_QUANTIZED_KV_START,
-    )
+    add_kv_cache_arguments(parser)
     parser.add_argument(
         "--block-size",
         type=int,
@@ -608,25 +617,17 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Every option's value, before anything is loaded: one line naming the flag."""
-    for flag in ("temp", "top_p", "min_p", "xtc_probability", "xtc_threshold"):
-        if not math.isfinite(getattr(args, flag)):
-            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number")
     if args.max_tokens == 0 or args.max_tokens < -1:
         raise ValueError(f"--max-tokens must be positive or -1 (no limit), got {args.max_tokens}")
-    if args.temp < 0:
-        raise ValueError(f"--temp must be >= 0, got {args.temp}")
-    if not 0 <= args.top_p <= 1:
-        raise ValueError(f"--top-p must be in [0, 1], got {args.top_p}")
-    if not 0 <= args.min_p <= 1:
-        raise ValueError(f"--min-p must be in [0, 1], got {args.min_p}")
-    if args.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
-    if args.min_tokens_to_keep < 1:
-        raise ValueError(f"--min-tokens-to-keep must be >= 1, got {args.min_tokens_to_keep}")
-    if not 0 <= args.xtc_probability <= 1:
-        raise ValueError(f"--xtc-probability must be in [0, 1], got {args.xtc_probability}")
-    if not 0 <= args.xtc_threshold <= 0.5:
-        raise ValueError(f"--xtc-threshold must be in [0, 0.5], got {args.xtc_threshold}")
+    SamplingParams(
+        args.temp,
+        args.top_p,
+        args.min_p,
+        args.min_tokens_to_keep,
+        args.top_k,
+        args.xtc_probability,
+        args.xtc_threshold,
+    ).check(name=lambda field: "--" + field.replace("_", "-"))
     if args.kv_bits is not None and args.kv_bits not in (2, 3, 4, 5, 6, 8):
         raise ValueError(f"--kv-bits must be one of 2, 3, 4, 5, 6, 8, got {args.kv_bits}")
     if args.kv_group_size not in (32, 64, 128):

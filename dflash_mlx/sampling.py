@@ -14,6 +14,7 @@ probability `xtc_probability`, is the exact mixture of its two outcomes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -35,24 +36,27 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temp == 0
 
-    def check(self) -> None:
-        """The argument errors mlx_lm's sampler would raise, before any work."""
-        for name in ("temp", "top_p", "min_p", "xtc_probability", "xtc_threshold"):
-            value = getattr(self, name)
+    def check(self, name: Callable[[str], str] = str) -> None:
+        """The argument errors mlx_lm's sampler would raise, before any work; `name`
+        spells a field in the message (the CLI: its flag)."""
+        for field_ in ("temp", "top_p", "min_p", "xtc_probability", "xtc_threshold"):
+            value = getattr(self, field_)
             if not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value}")
-        if self.temp < 0:
-            raise ValueError(f"temp must be >= 0, got {self.temp}")
-        if not 0 <= self.top_p <= 1:
-            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 <= self.xtc_probability <= 1:
-            raise ValueError(f"xtc_probability must be in [0, 1], got {self.xtc_probability}")
-        if not 0 <= self.xtc_threshold <= 0.5:
-            raise ValueError(f"xtc_threshold must be in [0, 0.5], got {self.xtc_threshold}")
+                raise ValueError(f"{name(field_)} must be a finite number, got {value}")
+        bounds = {
+            "temp": (0, math.inf),
+            "top_p": (0, 1),
+            "min_p": (0, 1),
+            "top_k": (0, math.inf),
+            "min_tokens_to_keep": (1, math.inf),
+            "xtc_probability": (0, 1),
+            "xtc_threshold": (0, 0.5),
+        }
+        for field_, (lo, hi) in bounds.items():
+            value = getattr(self, field_)
+            if not lo <= value <= hi:
+                where = f">= {lo}" if hi == math.inf else f"in [{lo}, {hi}]"
+                raise ValueError(f"{name(field_)} must be {where}, got {value}")
 
     def log_distribution(self, logits: mx.array) -> mx.array:
         """float32 log-probabilities [..., V] of what make_sampler samples from `logits`."""

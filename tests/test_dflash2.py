@@ -19,7 +19,8 @@ from reference.model import load_reference, make_reference, read_config
 
 from dflash_mlx import load_draft
 from dflash_mlx.convert import main as convert_main
-from dflash_mlx.dflash2 import DFlash2DraftModel, finish_logits
+from dflash_mlx.dflash2 import DFlash2DraftModel
+from dflash_mlx.drafter import finish_logits
 from dflash_mlx.sampling import SamplingParams
 
 # dflash2 as published (Qwen3.8 style); dflash2-gemma adds the Gemma-4 fields
@@ -576,7 +577,7 @@ def test_target_embed_scale():
     Qwen3 targets do not."""
     from mlx_lm.models import gemma4_text, qwen3
 
-    from dflash_mlx.dflash2 import target_embed_scale
+    from dflash_mlx.drafter import target_embed_scale
 
     gemma = gemma4_text.Model(
         gemma4_text.ModelArgs(

@@ -388,3 +388,57 @@ def test_static_loop_is_only_chosen_where_measured(pair, monkeypatch):
     monkeypatch.delitem(session.STATIC_MAX_POSITIONS, "cpu")
     with VerifySession(model, draft) as s:
         assert not s.can_go_static(10)
+
+
+@pytest.mark.parametrize("style", ["dflash", "dflash2"])
+def test_drafts_propose_the_same_from_static_buffers(style):
+    """The draft's block attention over a static buffer (capacity past the context,
+    stale rows where rejected drafts were) proposes what it proposes from a plain cache:
+    a wrong mask would only cost acceptance, which no output check would notice."""
+    from dflash_mlx.config import DraftConfig
+    from dflash_mlx.dflash2 import DFlash2DraftModel
+    from dflash_mlx.drafter import DraftModel
+    from dflash_mlx.static_cache import Length, StaticKVCache
+
+    raw = {
+        "block_size": 8,
+        "dflash_config": {"mask_token_id": 63, "target_layer_ids": [0, 1]},
+        "num_target_layers": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "vocab_size": 64,
+        "rope_theta": 10000.0,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "sliding_window": 6,
+    }
+    if style == "dflash2":
+        raw["architectures"] = ["DFlash2DraftModel"]
+        raw["dflash_config"].update(
+            conv_kernel_size=3, conv_group_size=8, selector_rank=4, selector_top_k=5
+        )
+    config = DraftConfig.from_dict(raw)
+    mx.random.seed(3)
+    draft = (DFlash2DraftModel if style == "dflash2" else DraftModel)(config)
+    embed = mx.random.normal((64, 32))
+    draft.bind_head(lambda ids: embed[ids], lambda h: h @ embed.T)
+    features = mx.random.normal((1, 37, 64))
+    plain = draft.make_cache()
+    draft.add_context(features, plain)
+    length = Length(37, 256)
+    static = [StaticKVCache.from_kv_cache(c, length) for c in plain]
+    for c in static:
+        c.keys[..., 37:, :] = 5.0  # stale rows past the length
+        c.values[..., 37:, :] = -5.0
+    anchor = mx.array([11], dtype=mx.int32)
+    for window in (None, 10):
+        want, _ = draft.propose(anchor, plain, 7, SamplingParams(), window)
+        got, _ = draft.propose(anchor, static, 7, SamplingParams(), window)
+        assert got.tolist() == want.tolist()
+        h_plain = draft(mx.array([[11] + [63] * 7]), None, plain, window)
+        h_static = draft(mx.array([[11] + [63] * 7]), None, static, window)
+        assert mx.allclose(h_plain, h_static, atol=1e-5).item()
+    assert length.offset.item() == 37 and plain[0].offset == 37

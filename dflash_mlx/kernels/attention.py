@@ -12,15 +12,15 @@ first-use self-check, the call falls back to SDPA with one warning per process.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cache, lru_cache
+from functools import lru_cache
 
 import mlx.core as mx
 
+from .backend import KernelFactory, gpu_backend, mlx_factory, read_switch
 from .source import (
     MAX_QUERIES,
     PASS1_INPUTS,
@@ -38,41 +38,13 @@ _MODES = ("auto", "kernel", "sdpa")
 _LOG2E = 1.4426950408889634
 _DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 
-# A factory builds one kernel: (name, input_names, output_names, source, header,
-# shared_memory_bytes) -> callable with mx.fast.metal_kernel's call signature.
-KernelFactory = Callable[..., Callable]
-
 
 def mode() -> str:
-    value = os.environ.get(SWITCH_ENV, "auto").strip().lower() or "auto"
-    if value not in _MODES:
-        raise ValueError(f"{SWITCH_ENV}={value!r}: expected one of {', '.join(_MODES)}")
-    return value
+    return read_switch(SWITCH_ENV, _MODES)
 
 
-@cache
 def _mlx_factory(backend: str) -> KernelFactory:
-    def make(name, input_names, output_names, source, header, shared_memory):
-        if backend == "metal":
-            return mx.fast.metal_kernel(
-                name=name,
-                input_names=input_names,
-                output_names=output_names,
-                source=source,
-                header=header,
-                ensure_row_contiguous=False,
-            )
-        return mx.fast.cuda_kernel(
-            name=name,
-            input_names=input_names,
-            output_names=output_names,
-            source=source,
-            header=header,
-            ensure_row_contiguous=False,
-            shared_memory=shared_memory,
-        )
-
-    return make
+    return mlx_factory(backend, False)
 
 
 _override: tuple[str, KernelFactory] | None = None
@@ -96,15 +68,7 @@ def use_backend(backend: str, factory: KernelFactory) -> Iterator[None]:
 
 def active_backend() -> tuple[str, KernelFactory] | None:
     """(backend, factory) the kernel would run on now, or None (CPU)."""
-    if _override is not None:
-        return _override
-    if mx.default_device() != mx.gpu:
-        return None
-    if mx.metal.is_available():
-        return "metal", _mlx_factory("metal")
-    if mx.cuda.is_available():
-        return "cuda", _mlx_factory("cuda")
-    return None
+    return _override if _override is not None else gpu_backend(False)
 
 
 def _warn_once(message: str) -> None:

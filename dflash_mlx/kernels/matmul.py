@@ -18,17 +18,17 @@ first-use self-check, the stock op runs (one warning per process for failures).
 from __future__ import annotations
 
 import math
-import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import lru_cache
 
 import mlx.core as mx
 from mlx import nn
 
+from .backend import KernelFactory, gpu_backend, mlx_factory, read_switch
 from .source import read_source
 
 SWITCH_ENV = "DFLASH_MATMUL"
@@ -43,7 +43,6 @@ PASS1_OUTPUTS = ["y", "part"]
 PASS2_INPUTS = ["part", "bias", "params"]
 PASS2_OUTPUTS = ["y"]
 
-KernelFactory = Callable[..., Callable]
 
 _METAL_ENTRY = """\
 threadgroup float df_mm_red[SMEM_WORDS];
@@ -163,35 +162,11 @@ def make_plan(
 
 
 def mode() -> str:
-    value = os.environ.get(SWITCH_ENV, "auto").strip().lower() or "auto"
-    if value not in _MODES:
-        raise ValueError(f"{SWITCH_ENV}={value!r}: expected one of {', '.join(_MODES)}")
-    return value
+    return read_switch(SWITCH_ENV, _MODES)
 
 
-@cache
 def _mlx_factory(backend: str) -> KernelFactory:
-    def make(name, input_names, output_names, source, header, shared_memory):
-        if backend == "metal":
-            return mx.fast.metal_kernel(
-                name=name,
-                input_names=input_names,
-                output_names=output_names,
-                source=source,
-                header=header,
-                ensure_row_contiguous=True,
-            )
-        return mx.fast.cuda_kernel(
-            name=name,
-            input_names=input_names,
-            output_names=output_names,
-            source=source,
-            header=header,
-            ensure_row_contiguous=True,
-            shared_memory=shared_memory,
-        )
-
-    return make
+    return mlx_factory(backend, True)
 
 
 _override: tuple[str, KernelFactory] | None = None
@@ -215,15 +190,7 @@ def use_backend(backend: str, factory: KernelFactory) -> Iterator[None]:
 
 def active_backend() -> tuple[str, KernelFactory] | None:
     """(backend, factory) the kernel would run on now, or None (CPU)."""
-    if _override is not None:
-        return _override
-    if mx.default_device() != mx.gpu:
-        return None
-    if mx.metal.is_available():
-        return "metal", _mlx_factory("metal")
-    if mx.cuda.is_available():
-        return "cuda", _mlx_factory("cuda")
-    return None
+    return _override if _override is not None else gpu_backend(True)
 
 
 def _warn_once(message: str) -> None:
