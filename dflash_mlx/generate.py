@@ -296,6 +296,8 @@ def stream_generate(
     prompt_progress_callback: Callable[[int, int], None] | None = None,
     block_size: int | None = None,
     draft_window: int | None = None,
+    input_embeddings: mx.array | None = None,
+    num_draft_tokens: int | None = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Like `mlx_lm.stream_generate`: one response per token, same text and stopping,
     the same keywords where they make sense with a DFlash draft.
@@ -307,6 +309,12 @@ def stream_generate(
     """
     if max_tokens == 0:
         raise ValueError("max_tokens must be non-zero (use -1 for no limit)")
+    if input_embeddings is not None:
+        raise ValueError(
+            "input_embeddings: the DFlash draft starts from token ids; pass the prompt"
+        )
+    if num_draft_tokens is not None:
+        raise ValueError("num_draft_tokens is mlx_lm's; a DFlash block is block_size= tokens")
     _check_sampler(sampler)
     sampling = SamplingParams(
         temp,

@@ -314,6 +314,10 @@ def test_api_errors_are_clear(pair):
         list(stream_generate(model, draft, tokenizer, mx.array([PROMPT, PROMPT])))
     with pytest.raises(ValueError, match="finite"):
         list(stream_generate(model, draft, tokenizer, PROMPT, temp=float("nan")))
+    with pytest.raises(ValueError, match="token ids"):
+        list(stream_generate(model, draft, tokenizer, PROMPT, input_embeddings=mx.zeros((9, 64))))
+    with pytest.raises(ValueError, match="block_size"):
+        list(stream_generate(model, draft, tokenizer, PROMPT, num_draft_tokens=3))
     # mlx_lm's greedy sampler is what temp=0 means: accepted.
     from mlx_lm.sample_utils import greedy_sampler
 
