@@ -348,3 +348,15 @@ def test_python_m_dflash_mlx_generate_prints_no_runpy_warning():
     )
     assert r.returncode == 0 and "usage: dflash-mlx generate" in r.stdout
     assert "RuntimeWarning" not in r.stderr
+
+
+def test_one_token_says_no_cycle_ran(capsys):
+    """-m 1 emits the prefill's token: no draft cycle, so no tau and no histogram."""
+    assert gen.main(["-m", "1", "--ignore-chat-template"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("=" * 10)
+    assert "Acceptance length (tau): n/a (no draft cycle ran)" in out
+    assert "Tokens per cycle" not in out
+    assert gen.main(["-m", "40", "--ignore-chat-template"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens per cycle" in out and "Tokens per cycle: " in out
