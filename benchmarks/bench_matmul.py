@@ -258,10 +258,11 @@ def main() -> int:
                 results["errors"].append(f"{name} {kind}: {type(e).__name__}: {e}")
             save()
 
-    print(f"\n{args.layers} layers' matmuls (7 per layer, distinct weights), ms per pass:")
+    n_layers = args.layers if not args.quick else 4
+    print(f"\n{n_layers} layers' matmuls (7 per layer, distinct weights), ms per pass:")
     for kind in KINDS:
         try:
-            t = bench_layers(kind, (1, 16), args.layers if not args.quick else 4)
+            t = bench_layers(kind, (1, 16), n_layers)
             t["kernel16_over_stock1"] = t["kernel_16_ms"] / t["stock_1_ms"]
             t["kernel16_over_kernel1"] = t["kernel_16_ms"] / t["kernel_1_ms"]
             t["stock16_over_stock1"] = t["stock_16_ms"] / t["stock_1_ms"]

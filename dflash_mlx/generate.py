@@ -234,8 +234,9 @@ def dflash_cycles(
 def _read(cycle: tuple) -> tuple[int, list[int]]:
     """(accepted count, emitted tokens) of a queued cycle: the host waits for it here."""
     block, n_acc, nxt, _ = cycle
+    mx.eval(n_acc, nxt, block)  # one wait for all three; reading them after costs none
     a = n_acc.item()
-    return a, block[1 : a + 1].tolist() + [nxt.item()]
+    return a, block.tolist()[1 : a + 1] + [nxt.item()]
 
 
 def _settle(session: VerifySession, last: Cycle) -> None:
