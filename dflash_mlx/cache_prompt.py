@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .convert import check_writable
-from .generate import add_kv_cache_arguments, add_prefill_argument
+from .generate import add_kv_cache_arguments, add_prefill_argument, check_kv_cache_arguments
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -84,18 +84,7 @@ def output_path(prompt_cache_file: str) -> Path:
 
 
 def _check_args(args: argparse.Namespace) -> Path:
-    if args.kv_bits is not None and args.kv_bits not in (2, 3, 4, 5, 6, 8):
-        raise ValueError(f"--kv-bits must be one of 2, 3, 4, 5, 6, 8, got {args.kv_bits}")
-    if args.kv_group_size not in (32, 64, 128):
-        raise ValueError(f"--kv-group-size must be 32, 64 or 128, got {args.kv_group_size}")
-    if args.quantized_kv_start < 0:
-        raise ValueError(f"--quantized-kv-start must be >= 0, got {args.quantized_kv_start}")
-    if args.max_kv_size is not None and args.max_kv_size < 1:
-        raise ValueError(f"--max-kv-size must be positive, got {args.max_kv_size}")
-    if args.kv_bits is not None and args.max_kv_size is not None:
-        raise ValueError("--kv-bits does not work with --max-kv-size (a rotating KV cache)")
-    if args.prefill_step_size < 1:
-        raise ValueError(f"--prefill-step-size must be positive, got {args.prefill_step_size}")
+    check_kv_cache_arguments(args)
     out = output_path(args.prompt_cache_file)
     # Checked before the prefill, which may take minutes.
     for path in (Path(args.prompt_cache_file), out):

@@ -487,6 +487,23 @@ def add_kv_cache_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_kv_cache_arguments(args: argparse.Namespace) -> None:
+    """The values of the KV flags (add_kv_cache_arguments, --max-kv-size) and of
+    --prefill-step-size: one line naming the flag."""
+    if args.kv_bits is not None and args.kv_bits not in (2, 3, 4, 5, 6, 8):
+        raise ValueError(f"--kv-bits must be one of 2, 3, 4, 5, 6, 8, got {args.kv_bits}")
+    if args.kv_group_size not in (32, 64, 128):
+        raise ValueError(f"--kv-group-size must be 32, 64 or 128, got {args.kv_group_size}")
+    if args.quantized_kv_start < 0:
+        raise ValueError(f"--quantized-kv-start must be >= 0, got {args.quantized_kv_start}")
+    if args.max_kv_size is not None and args.max_kv_size < 1:
+        raise ValueError(f"--max-kv-size must be positive, got {args.max_kv_size}")
+    if args.kv_bits is not None and args.max_kv_size is not None:
+        raise ValueError("--kv-bits does not work with --max-kv-size (a rotating KV cache)")
+    if args.prefill_step_size < 1:
+        raise ValueError(f"--prefill-step-size must be positive, got {args.prefill_step_size}")
+
+
 def add_prefill_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prefill-step-size",
@@ -637,18 +654,7 @@ def _check_args(args: argparse.Namespace) -> None:
         args.xtc_probability,
         args.xtc_threshold,
     ).check(name=lambda field: "--" + field.replace("_", "-"))
-    if args.kv_bits is not None and args.kv_bits not in (2, 3, 4, 5, 6, 8):
-        raise ValueError(f"--kv-bits must be one of 2, 3, 4, 5, 6, 8, got {args.kv_bits}")
-    if args.kv_group_size not in (32, 64, 128):
-        raise ValueError(f"--kv-group-size must be 32, 64 or 128, got {args.kv_group_size}")
-    if args.quantized_kv_start < 0:
-        raise ValueError(f"--quantized-kv-start must be >= 0, got {args.quantized_kv_start}")
-    if args.max_kv_size is not None and args.max_kv_size < 1:
-        raise ValueError(f"--max-kv-size must be positive, got {args.max_kv_size}")
-    if args.kv_bits is not None and args.max_kv_size is not None:
-        raise ValueError("--kv-bits does not work with --max-kv-size (a rotating KV cache)")
-    if args.prefill_step_size < 1:
-        raise ValueError(f"--prefill-step-size must be positive, got {args.prefill_step_size}")
+    check_kv_cache_arguments(args)
     if args.block_size is not None and not 1 <= args.block_size <= 64:
         raise ValueError(f"--block-size must be in 1…64, got {args.block_size}")
     if args.draft_window is not None and args.draft_window < 1:

@@ -116,11 +116,6 @@ class KVQuantization:
     group_size: int = 64
     start: int = 5000
 
-    def due(self, cache: list[Any]) -> bool:
-        return self.bits is not None and any(
-            isinstance(c, KVCache) and c.offset >= self.start for c in cache
-        )
-
     def apply(self, cache: list[Any]) -> None:
         """mlx_lm's maybe_quantize_kv_cache, on the target's caches only."""
         if self.bits is None:

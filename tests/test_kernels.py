@@ -431,7 +431,7 @@ def test_cpu_falls_back_to_sdpa(monkeypatch):
 
 def test_switch_forcing_the_kernel_on_cpu_warns_once(monkeypatch):
     monkeypatch.setenv(attention.SWITCH_ENV, "kernel")
-    monkeypatch.setattr(attention, "_warned", False)
+    monkeypatch.setattr(attention._site, "warned", False)
     q = mx.random.normal((1, 2, 4, 64))
     k = mx.random.normal((1, 2, 30, 64))
     with pytest.warns(RuntimeWarning, match="no GPU backend"):
@@ -466,7 +466,7 @@ def _broken_factory(kind: str, calls: list):
 @pytest.mark.parametrize("kind", ["compile", "garbage"])
 def test_failing_kernel_falls_back_with_one_warning(kind, monkeypatch):
     monkeypatch.setenv(attention.SWITCH_ENV, "kernel")
-    monkeypatch.setattr(attention, "_warned", False)
+    monkeypatch.setattr(attention._site, "warned", False)
     monkeypatch.setattr(attention, "_checked", {})
     calls: list = []
     q = mx.random.normal((1, 4, 16, 128))

@@ -295,7 +295,7 @@ def test_cpu_falls_back_to_stock(monkeypatch):
 
 def test_switch_forcing_the_kernel_on_cpu_warns_once(monkeypatch):
     monkeypatch.setenv(matmul.SWITCH_ENV, "kernel")
-    monkeypatch.setattr(matmul, "_warned", False)
+    monkeypatch.setattr(matmul._site, "warned", False)
     x = mx.random.normal((4, 64))
     with pytest.warns(RuntimeWarning, match="no GPU backend"):
         assert matmul.linear(_linear("dense", False), x.astype(mx.bfloat16)) is None
@@ -377,7 +377,7 @@ def _broken_factory(kind: str, calls: list):
 @pytest.mark.parametrize("kind", ["compile", "garbage"])
 def test_failing_kernel_falls_back_with_one_warning(kind, monkeypatch):
     monkeypatch.setenv(matmul.SWITCH_ENV, "kernel")
-    monkeypatch.setattr(matmul, "_warned", False)
+    monkeypatch.setattr(matmul._site, "warned", False)
     monkeypatch.setattr(matmul, "_checked", {})
     calls: list = []
     x = mx.random.normal((8, 64)).astype(mx.bfloat16)

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import math
 import threading
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import lru_cache
 
 import mlx.core as mx
 
-from .backend import KernelFactory, gpu_backend, mlx_factory, read_switch
+from .backend import KernelFactory, KernelSite, mlx_factory, read_switch
 from .source import (
     MAX_QUERIES,
     PASS1_INPUTS,
@@ -47,35 +44,13 @@ def _mlx_factory(backend: str) -> KernelFactory:
     return mlx_factory(backend, False)
 
 
-_override: tuple[str, KernelFactory] | None = None
+_site = KernelSite(row_contiguous=False)
+use_backend = _site.use  # tests: the emulator as 'metal' or 'cuda'
+active_backend = _site.active
+_warn_once = _site.warn_once
 _lock = threading.Lock()
 _kernels: dict = {}
 _checked: dict = {}
-_warned = False
-
-
-@contextmanager
-def use_backend(backend: str, factory: KernelFactory) -> Iterator[None]:
-    """Run the kernel path through `factory` as if on `backend` (tests: the emulator)."""
-    global _override
-    previous = _override
-    _override = (backend, factory)
-    try:
-        yield
-    finally:
-        _override = previous
-
-
-def active_backend() -> tuple[str, KernelFactory] | None:
-    """(backend, factory) the kernel would run on now, or None (CPU)."""
-    return _override if _override is not None else gpu_backend(False)
-
-
-def _warn_once(message: str) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def supports(q: mx.array, k: mx.array, v: mx.array, window: int | None) -> bool:
@@ -343,7 +318,7 @@ def kernel_attention(
 
     The decision and the plan are made once per call shape (a verify makes the same
     call in every layer): the hot path is one dictionary lookup."""
-    key = (mode(), _override, mx.default_device(), queries.shape, keys.shape, queries.dtype)
+    key = (mode(), _site.override, mx.default_device(), queries.shape, keys.shape, queries.dtype)
     key += (keys.dtype, values.shape, values.dtype, window)
     route = _routes.get(key, _NOT_ROUTED)
     if route is _NOT_ROUTED:

@@ -9,7 +9,9 @@ the tests the CPU emulator (tests/emulation); on the CPU backend neither kernel 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache
 
 import mlx.core as mx
@@ -62,3 +64,31 @@ def gpu_backend(row_contiguous: bool = False) -> tuple[str, KernelFactory] | Non
     if mx.cuda.is_available():
         return "cuda", mlx_factory("cuda", row_contiguous)
     return None
+
+
+class KernelSite:
+    """One kernel family's choice of backend: the GPU's, or an override (the tests run
+    the CPU emulator through it), and its one fallback warning per process."""
+
+    def __init__(self, row_contiguous: bool):
+        self.row_contiguous = row_contiguous
+        self.override: tuple[str, KernelFactory] | None = None
+        self.warned = False
+
+    @contextmanager
+    def use(self, backend: str, factory: KernelFactory) -> Iterator[None]:
+        """Run the kernel path through `factory` as if on `backend`."""
+        previous, self.override = self.override, (backend, factory)
+        try:
+            yield
+        finally:
+            self.override = previous
+
+    def active(self) -> tuple[str, KernelFactory] | None:
+        """(backend, factory) the kernel would run on now, or None (CPU)."""
+        return self.override if self.override is not None else gpu_backend(self.row_contiguous)
+
+    def warn_once(self, message: str) -> None:
+        if not self.warned:
+            self.warned = True
+            warnings.warn(message, RuntimeWarning, stacklevel=3)

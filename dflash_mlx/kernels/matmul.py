@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import math
 import threading
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
 import mlx.core as mx
 from mlx import nn
 
-from .backend import KernelFactory, gpu_backend, mlx_factory, read_switch
+from .backend import KernelFactory, KernelSite, mlx_factory, read_switch
 from .source import read_source
 
 SWITCH_ENV = "DFLASH_MATMUL"
@@ -169,35 +166,13 @@ def _mlx_factory(backend: str) -> KernelFactory:
     return mlx_factory(backend, True)
 
 
-_override: tuple[str, KernelFactory] | None = None
+_site = KernelSite(row_contiguous=True)
+use_backend = _site.use  # tests: the emulator as 'metal' or 'cuda'
+active_backend = _site.active
+_warn_once = _site.warn_once
 _lock = threading.Lock()
 _kernels: dict = {}
 _checked: dict = {}
-_warned = False
-
-
-@contextmanager
-def use_backend(backend: str, factory: KernelFactory) -> Iterator[None]:
-    """Run the kernel path through `factory` as if on `backend` (tests: the emulator)."""
-    global _override
-    previous = _override
-    _override = (backend, factory)
-    try:
-        yield
-    finally:
-        _override = previous
-
-
-def active_backend() -> tuple[str, KernelFactory] | None:
-    """(backend, factory) the kernel would run on now, or None (CPU)."""
-    return _override if _override is not None else gpu_backend(True)
-
-
-def _warn_once(message: str) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _kernel(backend: str, factory: KernelFactory, pass_: int, quant: bool, smem: int = 0):
