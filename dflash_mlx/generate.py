@@ -119,6 +119,7 @@ def dflash_cycles(
     quantized_kv_start: int = 5000,
     prompt_progress_callback: Callable[[int, int], None] | None = None,
     on_phase: Callable[[str, list[mx.array]], None] | None = None,
+    session_class: type[VerifySession] = VerifySession,
 ) -> Iterator[Cycle]:
     """Yield one Cycle per target forward; the first is the prefill's token.
 
@@ -127,6 +128,7 @@ def dflash_cycles(
     on_phase(name, arrays), if given, is called at the end of each phase of a cycle
     ("draft", "verify", "accept_rollback") with the arrays that phase produced, so a
     benchmark can evaluate and time them; the default adds no sync.
+    `session_class` makes the session (a subclass for a sharded target, distributed.py).
     """
     sampling = sampling or SamplingParams()
     check_pair(model, draft)
@@ -135,7 +137,7 @@ def dflash_cycles(
         raise ValueError(f"block size must be >= 1, got {B}")
     processors = logits_processors or []
     history = prompt.tolist() if processors else []  # what sequential decoding has seen
-    session = VerifySession(
+    session = session_class(
         model,
         draft,
         prompt_cache,
@@ -194,6 +196,7 @@ def dflash_cycles(
                     n_acc, nxt = greedy_accept(drafted, mx.argmax(dist, axis=-1))
                 else:
                     n_acc, nxt = speculative_accept(drafted, draft_logq, dist)
+                n_acc, nxt = session.decide(n_acc, nxt)
 
                 # Commit: the caches keep the anchor and the accepted drafts.
                 this = (block, n_acc, nxt, logprobs)

@@ -330,6 +330,11 @@ class VerifySession:
     def _quantizable(self) -> bool:
         return any(isinstance(c, KVCache) for c in self.target_cache)
 
+    def decide(self, n_acc: mx.array, nxt: mx.array) -> tuple[mx.array, mx.array]:
+        """The cycle's outcome (accepted drafts, next token) as every process must see
+        it; one process here, so as computed (a sharded session broadcasts it)."""
+        return n_acc, nxt
+
     def commit(self, n_keep: int | mx.array) -> None:
         """Keep the first n_keep block positions of the last verify (anchor included).
         May be called again with a smaller n_keep until the next verify. Static caches
