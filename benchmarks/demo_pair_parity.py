@@ -40,7 +40,10 @@ def compare(n_prompts: int, n_tokens: int) -> dict:
     for text in prompts[:n_prompts]:
         ids = tokenizer.encode(text)
         ref_tokens, ref_acc = dflash_generate(reference, target, torch.tensor([ids]), n_tokens)
-        cycles = list(dflash_cycles(model, draft, mx.array(ids), max_tokens=n_tokens))
+        cycles = dflash_cycles(
+            model, draft, mx.array(ids), max_tokens=n_tokens, block_size=draft.block_size
+        )
+        cycles = list(cycles)
         mlx_tokens = [t for c in cycles for t in c.tokens]
         mlx_acc = [c.accepted + 1 for c in cycles[1:]]
         rows.append(

@@ -499,18 +499,39 @@ def _load_lazily(path_or_repo: str) -> nn.Module:
     return model
 
 
+def _block_costs(model_path: str, draft_path: str, force: bool) -> None:
+    """The pair's cycle cost per block size (what --block-size auto decides from)."""
+    from . import block_policy, load, load_draft
+
+    model, _ = load(model_path)
+    draft = load_draft(draft_path)
+    costs = block_policy.cached_costs(model, draft, draft.block_size, force=force)
+    print(f"block-size costs: {block_policy.costs_path(model, draft)}")
+    step = costs.seconds[1]
+    print(
+        "  ms per cycle (x a plain step): "
+        + ", ".join(f"{w}: {t * 1e3:.2f} ({t / step:.2f}x)" for w, t in costs.seconds.items())
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dflash-mlx calibrate", description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="target (path or Hub id); default: Qwen3-8B's shapes")
-    ap.add_argument("--draft", help="draft (path or Hub id)")
+    ap.add_argument(
+        "--draft",
+        help="draft (path or Hub id); with --model, also times the pair's cycles per block "
+        "size (what --block-size auto reads)",
+    )
     ap.add_argument("--force", action="store_true", help="measure again, ignoring the file")
     ap.add_argument("--show", action="store_true", help="print the stored decisions")
     args = ap.parse_args(argv)
+    if args.model and args.draft and not args.show:
+        _block_costs(args.model, args.draft, args.force)
     identity = device_identity()
     if identity is None:
         print(
             "dflash-mlx calibrate: MLX runs on the CPU here (no Metal or CUDA GPU): "
-            "nothing to calibrate; the stock ops are used."
+            "no kernels to calibrate; the stock ops are used."
         )
         return 0
     path = calibration_path(identity)

@@ -24,6 +24,7 @@ from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .block_policy import BlockPolicy, make_policy
 from .drafter import DraftModel
 from .sampling import SamplingParams, greedy_accept, speculative_accept
 from .session import VerifySession
@@ -49,6 +50,7 @@ class GenerationResponse:
     accepted: int = 0  # draft tokens accepted in the cycle that produced this token
     acceptance_length: float = 0.0  # running mean tokens per cycle (tau)
     cycles: int = 0
+    block_size: int = 1  # tokens the cycle verified (1: a plain step of the target)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Cycle:
     tokens: list[int]  # accepted draft tokens, then one target token
     logprobs: mx.array  # [len(tokens), V] target log-probabilities at those positions
     accepted: int
+    width: int = 1  # tokens the target verified in this cycle (1: a plain step)
     # Set by a consumer that stops inside this cycle: how many of `tokens` it emitted.
     # With a caller's prompt cache, the cache then holds exactly the emitted tokens.
     used: int | None = None
@@ -109,7 +112,7 @@ def dflash_cycles(
     max_tokens: int = 256,
     sampling: SamplingParams | None = None,
     logits_processors: list[LogitsProcessor] | None = None,
-    block_size: int | None = None,
+    block_size: int | str | None = None,
     draft_window: int | None = None,
     prefill_step_size: int = 2048,
     prompt_cache: list[Any] | None = None,
@@ -119,22 +122,23 @@ def dflash_cycles(
     quantized_kv_start: int = 5000,
     prompt_progress_callback: Callable[[int, int], None] | None = None,
     on_phase: Callable[[str, list[mx.array]], None] | None = None,
+    policy: BlockPolicy | None = None,
     session_class: type[VerifySession] = VerifySession,
 ) -> Iterator[Cycle]:
     """Yield one Cycle per target forward; the first is the prefill's token.
 
-    With `prompt_cache` (from `make_prompt_cache(model, draft)`), generation continues
-    from it and leaves it holding the prompt and every emitted token, as mlx_lm does.
-    on_phase(name, arrays), if given, is called at the end of each phase of a cycle
-    ("draft", "verify", "accept_rollback") with the arrays that phase produced, so a
-    benchmark can evaluate and time them; the default adds no sync.
+    `block_size`: tokens per cycle (anchor + drafts), or None / "auto": chosen per cycle
+    from this machine's measured costs and the running acceptance (block_policy.py);
+    `policy` overrides both. With `prompt_cache` (from `make_prompt_cache(model, draft)`),
+    generation continues from it and leaves it holding the prompt and every emitted
+    token, as mlx_lm does. on_phase(name, arrays), if given, is called at the end of each
+    phase of a drafting cycle ("draft", "verify", "accept_rollback") with the arrays that
+    phase produced, so a benchmark can evaluate and time them; the default adds no sync.
     `session_class` makes the session (a subclass for a sharded target, distributed.py).
     """
     sampling = sampling or SamplingParams()
     check_pair(model, draft)
-    B = block_size or draft.block_size
-    if B < 1:
-        raise ValueError(f"block size must be >= 1, got {B}")
+    policy = policy or make_policy(model, draft, block_size)
     processors = logits_processors or []
     history = prompt.tolist() if processors else []  # what sequential decoding has seen
     session = session_class(
@@ -154,105 +158,138 @@ def dflash_cycles(
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return logprobs, logprobs if sampling.greedy else sampling.log_distribution(logits)
 
+    def sample(dist: mx.array) -> mx.array:
+        return mx.argmax(dist, axis=-1) if sampling.greedy else mx.random.categorical(dist)
+
     last: Cycle | None = None
+    n_before = 0  # tokens emitted before `last`
+    valid = 0  # positions of the newest block known to be emitted (anchor, drafts)
     with wired_limit(model, [generation_stream]), session, mx.stream(generation_stream):
         try:
             logits = session.prefill(prompt, prefill_step_size, prompt_progress_callback)
+            base = session.offset  # the caches end with the prompt
             logprobs, dist = pick(logits, prompt[:0])
-            first = mx.argmax(dist, axis=-1) if sampling.greedy else mx.random.categorical(dist)
-            token = first.item()
+            token = sample(dist).item()
             last = Cycle([token], logprobs, 0)
             yield last
             n_emitted, n_cycles = 1, 0
+            W = policy.max_width
             # Static caches (lengths on the device) let cycle t+1 be queued before the
             # host reads cycle t: its graph building then overlaps cycle t's device time.
-            positions = session.offset + max_tokens + B
-            static = not processors and B > 1 and session.can_go_static(positions)
+            static = not processors and W > 1
+            static = static and session.can_go_static(session.offset + max_tokens + W)
             if static:
-                session.go_static(headroom=4 * B)
+                session.go_static(headroom=4 * W)
             anchor = mx.array([token], dtype=mx.int32)
-            queued = None  # static mode: the cycle on the device the host has not read
+            # Cycles on the device the host has not read yet (at most one): every static
+            # cycle, and plain steps (width 1: their commit needs no host value), unless
+            # logits processors must see each token first.
+            queue: list[tuple] = []
+            tick = time.perf_counter()
 
             while n_emitted < max_tokens:
-                bs = B if static else min(B, max_tokens - n_emitted)
-
-                # Propose: one draft forward drafts bs-1 tokens after the anchor.
-                drafted, draft_logq = session.propose(anchor, bs - 1, sampling, draft_window)
-                block = mx.concatenate([anchor, drafted])
-                mx.async_eval(block)  # the device drafts while the host builds verify
-                if on_phase:  # benchmarks only: no work on the hot path otherwise
-                    on_phase("draft", [block])
-
-                # Verify: one target forward over the whole block.
-                logprobs, dist = pick(session.verify(block), block)
-                if on_phase:
-                    on_phase("verify", [dist, session._features])
-
-                # Accept: on the device.
-                if bs == 1:
-                    n_acc = mx.array(0)
-                    nxt = mx.argmax(dist[0]) if sampling.greedy else mx.random.categorical(dist[0])
-                elif sampling.greedy:
-                    n_acc, nxt = greedy_accept(drafted, mx.argmax(dist, axis=-1))
+                in_flight = 0 if static else len(queue)  # queued plain steps: 1 token each
+                bs = policy.choose()
+                if not static:
+                    bs = min(bs, max_tokens - n_emitted - in_flight)
+                ready = []
+                if bs < 1:  # the queued steps end the generation
+                    ready, queue = queue, []
+                elif bs == 1 and not static:
+                    # A plain step: the target alone, as mlx_lm decodes.
+                    block = anchor
+                    logprobs, dist = pick(session.decode(block), block)
+                    n_acc, nxt = 0, sample(dist[0])
+                    valid = 1
                 else:
-                    n_acc, nxt = speculative_accept(drafted, draft_logq, dist)
-                n_acc, nxt = session.decide(n_acc, nxt)
+                    # Propose: one draft forward drafts bs-1 tokens after the anchor.
+                    drafted, draft_logq = session.propose(anchor, bs - 1, sampling, draft_window)
+                    block = mx.concatenate([anchor, drafted])
+                    mx.async_eval(block)  # the device drafts while the host builds verify
+                    if on_phase:  # benchmarks only: no work on the hot path otherwise
+                        on_phase("draft", [block])
 
-                # Commit: the caches keep the anchor and the accepted drafts.
-                this = (block, n_acc, nxt, logprobs)
-                if static:  # on the device; the host reads the cycle queued before
-                    session.commit(n_acc + 1)
-                    anchor = nxt.reshape(1).astype(mx.int32)
-                    mx.async_eval(n_acc, nxt, block, *session.state_arrays())
-                    this, queued = queued, this
-                    if this is None:
-                        continue
-                a, tokens = _read(this)  # the cycle's one host sync
-                if static:
-                    session.committed(a + 1)
-                else:
-                    session.commit(a + 1)
-                    anchor = mx.array(tokens[-1:], dtype=mx.int32)
-                if on_phase:
-                    on_phase("accept_rollback", session.state_arrays())
-                if processors:  # everything before the next anchor
-                    history.extend([token] + tokens[:-1])
-                token = tokens[-1]
-                tokens = tokens[: max_tokens - n_emitted]
-                n_emitted += len(tokens)
-                n_cycles += 1
-                if n_cycles % 64 == 0:
-                    mx.clear_cache()
-                last = Cycle(tokens, this[3][: a + 1], a)
-                yield last
+                    # Verify: one target forward over the whole block.
+                    logprobs, dist = pick(session.verify(block), block)
+                    if on_phase:
+                        on_phase("verify", [dist, session._features])
+
+                    # Accept: on the device, decided once for every process.
+                    if bs == 1:
+                        n_acc, nxt = mx.array(0), sample(dist[0])
+                    elif sampling.greedy:
+                        n_acc, nxt = greedy_accept(drafted, mx.argmax(dist, axis=-1))
+                    else:
+                        n_acc, nxt = speculative_accept(drafted, draft_logq, dist)
+                    n_acc, nxt = session.decide(n_acc, nxt)
+                    valid = 1
+
+                if bs >= 1:
+                    this = (block, n_acc, nxt, logprobs, bs)
+                    if static or (bs == 1 and not processors):
+                        # Commit on the device; the host reads the cycle queued before.
+                        if static:
+                            session.commit(n_acc + 1)
+                        anchor = nxt.reshape(1).astype(mx.int32)
+                        mx.async_eval(nxt, block, *session.state_arrays())
+                        queue.append(this)
+                        ready, queue = queue[:-1], queue[-1:]
+                    else:  # the commit needs the accepted count: read everything now
+                        ready, queue = queue + [this], []
+
+                for cycle in ready:
+                    a, tokens = _read(cycle)  # the cycle's one host sync
+                    newest = not queue and cycle is ready[-1]
+                    if static:
+                        session.committed(a + 1)
+                    elif cycle[4] > 1:  # a drafting cycle: commit what was accepted
+                        session.commit(a + 1)
+                    if not static and newest:  # nothing queued after it: it sets the anchor
+                        anchor = mx.array(tokens[-1:], dtype=mx.int32)
+                    if static or newest:
+                        valid = a + 1
+                    now = time.perf_counter()
+                    policy.observe(cycle[4], a, now - tick)
+                    tick = now
+                    if on_phase and cycle[4] > 1:
+                        on_phase("accept_rollback", session.state_arrays())
+                    if processors:  # everything before the next anchor
+                        history.extend([token] + tokens[:-1])
+                    token = tokens[-1]
+                    tokens = tokens[: max_tokens - n_emitted]
+                    n_before = n_emitted
+                    n_emitted += len(tokens)
+                    n_cycles += 1
+                    if n_cycles % 64 == 0:
+                        mx.clear_cache()
+                    last = Cycle(tokens, cycle[3][: a + 1], a, cycle[4])
+                    yield last
+                    if n_emitted >= max_tokens:
+                        break
         except GeneratorExit:  # the consumer stopped: settle, unless nothing ran yet
             if prompt_cache is not None and last is not None:
-                _settle(session, last)
+                _settle(session, base, n_before, valid, last)
             raise
         else:
             if prompt_cache is not None:
-                _settle(session, last)
+                _settle(session, base, n_before, valid, last)
 
 
 def _read(cycle: tuple) -> tuple[int, list[int]]:
     """(accepted count, emitted tokens) of a queued cycle: the host waits for it here."""
-    block, n_acc, nxt, _ = cycle
+    block, n_acc, nxt, *_ = cycle
+    if isinstance(n_acc, int):  # a plain step
+        return 0, [nxt.item()]
     mx.eval(n_acc, nxt, block)  # one wait for all three; reading them after costs none
     a = n_acc.item()
     return a, block.tolist()[1 : a + 1] + [nxt.item()]
 
 
-def _settle(session: VerifySession, last: Cycle) -> None:
+def _settle(session: VerifySession, base: int, n_before: int, valid: int, last: Cycle) -> None:
     """Leave the caller's prompt cache holding the prompt and every emitted token, as
-    mlx_lm's does: drop what was accepted past the last emitted token, or feed the
-    last emitted token when it was the target's own (not yet in the caches)."""
+    mlx_lm's does: base positions before the first token, then the emitted ones."""
     used = len(last.tokens) if last.used is None else last.used
-    if used <= last.accepted:
-        session.keep(1 + used)
-    else:
-        session.keep(1 + last.accepted)
-        session.feed(mx.array(last.tokens[used - 1 : used], dtype=mx.int32))
-    session.finish()
+    session.settle(base + n_before + used, valid, last.tokens[:used])
     mx.eval(session.state_arrays())
 
 
@@ -394,6 +431,7 @@ def stream_generate(
                     accepted=cycle.accepted,
                     acceptance_length=tau,
                     cycles=n_cycles,
+                    block_size=cycle.width,
                 )
                 if last:
                     return
@@ -412,6 +450,7 @@ def generate(
     """Generate a complete response; with verbose, stream it and print statistics."""
     text = ""
     per_cycle = Counter()  # cycle -> tokens it emitted (accepted drafts + one)
+    widths = Counter()  # cycle -> tokens it verified
     response = None
     for response in stream_generate(model, draft, tokenizer, prompt, **kwargs):
         if verbose:  # the banner only once generation really started (no banner on errors)
@@ -423,6 +462,7 @@ def generate(
         text += response.text
         if response.cycles:
             per_cycle[response.cycles] = response.accepted + 1
+            widths[response.cycles] = response.block_size
     if verbose and response is not None:
         print("\n" + "=" * 10)
         if not text:
@@ -439,6 +479,7 @@ def generate(
         else:
             print(f"Acceptance length (tau): {response.acceptance_length:.2f} tokens per cycle")
             print("Tokens per cycle: " + format_histogram(Counter(per_cycle.values())))
+            print("Block sizes: " + format_histogram(Counter(widths.values())))
     return text
 
 
@@ -460,6 +501,16 @@ DEFAULT_XTC_THRESHOLD = 0.1
 DEFAULT_MIN_TOKENS_TO_KEEP = 1
 DEFAULT_QUANTIZED_KV_START = 5000
 DEFAULT_PREFILL_STEP_SIZE = 2048
+
+
+def block_size_argument(text: str) -> int | str:
+    """--block-size: 'auto' or a whole number (checked against its range later)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not 'auto' or a number") from None
 
 
 def str2bool(string: str) -> bool:
@@ -630,9 +681,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     add_kv_cache_arguments(parser)
     parser.add_argument(
         "--block-size",
-        type=int,
-        default=None,
-        help="Tokens per DFlash cycle: the anchor and the drafted tokens (default: the draft's)",
+        type=block_size_argument,
+        default="auto",
+        help="Tokens per DFlash cycle (the anchor and the drafted tokens), or 'auto': "
+        "chosen each cycle from this machine's measured costs and the acceptance so far "
+        "(default: auto)",
     )
     parser.add_argument(
         "--draft-window",
@@ -658,8 +711,8 @@ def _check_args(args: argparse.Namespace) -> None:
         args.xtc_threshold,
     ).check(name=lambda field: "--" + field.replace("_", "-"))
     check_kv_cache_arguments(args)
-    if args.block_size is not None and not 1 <= args.block_size <= 64:
-        raise ValueError(f"--block-size must be in 1…64, got {args.block_size}")
+    if args.block_size != "auto" and not 1 <= args.block_size <= 64:
+        raise ValueError(f"--block-size must be 'auto' or in 1…64, got {args.block_size}")
     if args.draft_window is not None and args.draft_window < 1:
         raise ValueError(f"--draft-window must be positive, got {args.draft_window}")
     if args.prompt_cache_file is not None and not Path(args.prompt_cache_file).is_file():

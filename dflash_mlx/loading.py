@@ -79,7 +79,20 @@ def load_draft(path_or_hf_repo: str | Path, dtype: str | mx.Dtype | None = None)
         dtype = DTYPES[dtype]
     config, weights = read(path_or_hf_repo)
     _check_draft_shape(path_or_hf_repo, config, weights)
-    return build(config, weights, dtype=dtype)
+    draft = build(config, weights, dtype=dtype)
+    draft.acceptance_prior = _trained_acceptance(Path(path_or_hf_repo))
+    return draft
+
+
+def _trained_acceptance(path: Path) -> list[float] | None:
+    """P(first k drafts accepted), k = 1 …, from the held-out evaluation `dflash-mlx
+    train` records beside its checkpoint (`--block-size auto` starts from it)."""
+    try:
+        result = json.loads((path / "train_result.json").read_text())
+        values = [float(x) for x in result["eval"]["per_position_acceptance"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return values if all(0.0 <= x <= 1.0 for x in values) else None
 
 
 def _check_draft_shape(path: str | Path, config: DraftConfig, weights: dict) -> None:

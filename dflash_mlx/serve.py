@@ -54,7 +54,7 @@ from mlx_lm.server import (
 from mlx_lm.utils import _parse_size
 
 from . import demo
-from .generate import check_pair, stream_generate
+from .generate import block_size_argument, check_pair, stream_generate
 from .loading import load_draft
 from .session import make_prompt_cache
 
@@ -731,7 +731,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     add("--kv-bits", type=int, default=None, help="quantize the target KV cache to this many bits")
     add("--kv-group-size", type=int, default=64)
     add("--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START)
-    add("--block-size", type=int, default=None, help="DFlash block size (default: the draft's)")
+    add(
+        "--block-size",
+        type=block_size_argument,
+        default="auto",
+        help="tokens per DFlash cycle, or 'auto': chosen per cycle from measured costs",
+    )
     add("--draft-window", type=int, default=None, help="draft attends to at most this context")
     add("--max-context", type=int, default=None, help="context limit (default: the target's)")
     add("--queue-size", type=int, default=64, help="requests accepted at once; more get 503")
@@ -754,8 +759,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
     if args.temp < 0:
         raise ValueError(f"--temp must be >= 0, got {args.temp}")
-    if args.block_size is not None and not 1 <= args.block_size <= 64:
-        raise ValueError(f"--block-size must be in 1…64, got {args.block_size}")
+    if args.block_size != "auto" and not 1 <= args.block_size <= 64:
+        raise ValueError(f"--block-size must be 'auto' or in 1…64, got {args.block_size}")
     if args.queue_size < 1:
         raise ValueError(f"--queue-size must be positive, got {args.queue_size}")
     if args.prompt_cache_size < 0:

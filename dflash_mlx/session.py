@@ -157,8 +157,12 @@ class VerifySession:
         self.tap = Tap(model, draft.config.target_layer_ids)
         self.rollback: Rollback | None = None
         self._patches = Patches()
-        self._pending: mx.array | None = None  # committed features not in the draft cache yet
+        # Committed positions' features not in the draft cache yet: plain decode steps
+        # leave theirs here until the next proposal needs them (one context update).
+        self._pending: list[mx.array] = []
+        self._pending_before: list[mx.array] = []
         self._verify: tuple[int, int] | None = None  # (offset before, block length)
+        self._block_start = self.offset  # offset before the last verify or decode step
         self._unquantized: dict[int, Any] = {}
         self.length: Length | None = None  # set while the caches are static (go_static)
         self._inflight = 0  # static verifies whose accepted count the host has not read
@@ -265,17 +269,35 @@ class VerifySession:
         return self._feed(tokens)
 
     def _flush(self) -> None:
-        if self._pending is not None:
-            self.draft.add_context(self._pending, self.draft_cache)
-            self._pending = None
+        if self._pending:
+            pending = self._pending
+            features = pending[0] if len(pending) == 1 else mx.concatenate(pending, axis=1)
+            self.draft.add_context(features, self.draft_cache)
+            self._pending = []
+
+    def decode(self, token: mx.array) -> mx.array:
+        """A cycle of width 1: one plain target step on token [1], as mlx_lm decodes
+        (nothing to verify, nothing to roll back). Its tapped features wait for the next
+        proposal. Returns logits [1, V]."""
+        if self.rollback is None:
+            raise RuntimeError("decode before prefill")
+        self._verify, self._block_start = None, self.offset
+        logits = self._forward(token)
+        self.kv.apply(self.target_cache)
+        self._write_back()
+        self._pending.append(self.tap.features())
+        if len(self._pending) >= 256:  # a long run of plain steps: bound the list
+            self._flush()
+        self.offset += 1
+        return logits
 
     def propose(
         self, anchor: mx.array, n: int, sampling: SamplingParams, window: int | None = None
     ) -> tuple[mx.array, mx.array | None]:
         """The draft's n tokens after `anchor` [1] (the last committed token)."""
-        self._flush()
         if n == 0:
             return mx.zeros((0,), dtype=mx.int32), None
+        self._flush()
         if self.length is not None:  # the cycle's first write into the static buffers
             self._reserve(n + 1)
         return self.draft.propose(anchor, self.draft_cache, n, sampling, window)
@@ -292,6 +314,8 @@ class VerifySession:
         if self.length is not None:
             return self._verify_static(block)
         self._verify = (self.offset, L)
+        self._block_start = self.offset
+        self._pending_before = list(self._pending)
         self.rollback.checkpoint()
         split = self.kv.start - self.offset if self.kv.bits is not None else 0
         with routing.verifying():
@@ -357,13 +381,13 @@ class VerifySession:
         self.kv.apply(self.target_cache)
         self._write_back()
         self.offset = start + n_keep
-        self._pending = self._features[:, :n_keep] if n_keep else None
+        kept = [self._features[:, :n_keep]] if n_keep else []
+        self._pending = self._pending_before + kept
 
     def state_arrays(self) -> list[Any]:
         """What to evaluate to make the caches real (after a commit)."""
-        pending = [] if self._pending is None else [self._pending]
         length = [] if self.length is None else [self.length.offset]
-        return [c.state for c in self.target_cache + self.draft_cache] + pending + length
+        return [c.state for c in self.target_cache + self.draft_cache] + self._pending + length
 
     # -- static caches: lengths on the device, so cycles queue ahead of the host --------
 
@@ -421,6 +445,24 @@ class VerifySession:
             self._write_back()
         elif self._verify is not None:
             self.commit(n_keep)
+
+    def settle(self, n: int, valid: int, tail: list[int]) -> None:
+        """End a generation with the caches holding exactly the sequence's first n
+        positions: of the last block (the last read one, in static mode), `valid`
+        positions (its anchor and the drafts that were emitted), then the emitted
+        tokens after them, the end of `tail`, fed. The draft's context follows."""
+        if self.length is not None:
+            start = self._last_start
+        elif self._verify is not None or self._block_start < self.offset:
+            start = self._block_start
+        else:  # nothing ran after the prefill
+            start, valid = self.offset, 0
+        keep = min(n - start, valid)
+        if self.length is not None or self._verify is not None:
+            self.keep(keep)
+        if n - start > keep:
+            self.feed(mx.array(tail[keep - (n - start) :], dtype=mx.int32))
+        self.finish()
 
     def finish(self) -> None:
         """Leave the draft cache holding the context of every fed position."""

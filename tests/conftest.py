@@ -85,3 +85,18 @@ def static_caches_on_the_cpu(monkeypatch):
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(autouse=True)
+def gpu_like_block_costs(monkeypatch):
+    """--block-size auto everywhere in the tests, on GPU-like costs (a verify of w tokens
+    barely dearer than one step), so auto really drafts, drops to plain steps when the
+    random drafts fail, and probes back: every lossless test then mixes widths. On this
+    CPU's own measured costs auto would decode plainly throughout (test_block_policy
+    checks that case)."""
+    from dflash_mlx import block_policy
+
+    costs = {w: 1e-3 * (1.0 if w == 1 else 1.2 + 0.02 * w) for w in range(1, 65)}
+    monkeypatch.setattr(
+        block_policy, "cached_costs", lambda model, draft, B: block_policy.Costs(dict(costs))
+    )

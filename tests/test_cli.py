@@ -262,6 +262,7 @@ BAD = [
     (["--xtc-threshold", "0.7"], "--xtc-threshold must be in [0, 0.5]"),
     (["--min-tokens-to-keep", "0"], "--min-tokens-to-keep must be >= 1"),
     (["--max-kv-size", "0"], "--max-kv-size must be positive"),
+    (["--block-size", "0"], "--block-size must be 'auto' or in 1…64, got 0"),
     (["--kv-bits", "4", "--max-kv-size", "64"], "--kv-bits does not work with --max-kv-size"),
     (["--chat-template-config", "[1]"], "--chat-template-config must be a JSON object"),
     (["--chat-template-config", "{{"], "--chat-template-config is not valid JSON"),
@@ -288,7 +289,7 @@ def test_generate_bad_input_is_one_line(broken, capsys, args, message):
 
 
 def test_generate_usage_errors_exit_2(capsys):
-    for args in (["--verbose"], ["--temp", "hot"], ["--no-such-flag"]):
+    for args in (["--verbose"], ["--temp", "hot"], ["--no-such-flag"], ["--block-size", "big"]):
         with pytest.raises(SystemExit) as e:
             gen.main(args)
         assert e.value.code == 2

@@ -534,7 +534,9 @@ def test_decode_loop(tmp_path):
     )
     model, _ = load_model(tmp_path / "target")
     cycles = list(
-        dflash_cycles(model, load_draft(hf, dtype="float32"), mx.array(prompt), max_tokens=n)
+        dflash_cycles(
+            model, load_draft(hf, dtype="float32"), mx.array(prompt), max_tokens=n, block_size=8
+        )
     )
     mlx_tokens = [t for c in cycles for t in c.tokens]
     mlx_acceptance = [c.accepted + 1 for c in cycles[1:]]

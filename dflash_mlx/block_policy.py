@@ -1,0 +1,337 @@
+"""How many tokens each cycle verifies: fixed, or chosen per cycle from measured costs.
+
+A cycle of width w costs C(w) seconds (w = 1: one plain target step; w >= 2: a draft
+forward plus a verify of w tokens) and emits E(w) = 1 + sum_{k<w} prod_{i<=k} a_i
+tokens on average, where a_i is the chance that draft position i is accepted given that
+the ones before it were. `AutoPolicy` picks the width with the most tokens per second,
+E(w) / C(w), each cycle:
+
+- C comes from a measurement of this machine and pair, made once (`measure_costs`, a
+  few seconds, cached under the user's cache directory beside the kernel calibration)
+  and corrected on the fly by the cycles' own wall times (context grows, machines vary);
+- a_i are running rates of this generation (decayed counts), starting from a prior:
+  the draft's own training result (`train_result.json`'s per-position acceptance) when
+  it has one.
+
+Width 1 still feeds the draft's context, so after a run of plain steps a probe cycle
+drafts again (at the width the prior would pick); probes are spaced so that their extra
+time stays under 2 % of the plain steps', doubling the spacing while they keep failing,
+so a pair that does not pay costs little more than plain decoding.
+
+The width never changes a result: greedy output is the target's own at every width and
+sampling stays exact, since the choice depends only on cycles already finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import mlx.core as mx
+from mlx import nn
+
+FORMAT = 1
+CANDIDATES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
+CONTEXT = 512  # positions in the caches while costs are measured
+WARMUP, TIMED = 2, 5  # cycles per width: discarded (first use compiles), then timed
+GENERIC_PRIOR = 0.8  # a_i for a draft without a training result
+PRIOR_STRENGTH = 1.0  # how many cycles' worth of evidence the prior weighs
+DECAY = 0.95  # per drafting cycle: older ones count less (acceptance moves with the text)
+PROBE_AFTER = 16  # plain steps before the first probe, at least
+PROBE_BUDGET = 0.02  # a probe's extra time, as a fraction of the plain steps before it
+
+
+class BlockPolicy(Protocol):
+    max_width: int
+
+    def choose(self) -> int:
+        """Width of the next cycle (1 … max_width)."""
+
+    def observe(self, width: int, accepted: int, seconds: float) -> None:
+        """A finished cycle: its width, accepted drafts and wall time (read to read)."""
+
+
+@dataclass
+class FixedPolicy:
+    """Every cycle `max_width` tokens (today's --block-size N)."""
+
+    max_width: int
+
+    def choose(self) -> int:
+        return self.max_width
+
+    def observe(self, width: int, accepted: int, seconds: float) -> None:
+        pass
+
+
+def widths_up_to(block_size: int) -> list[int]:
+    return sorted({w for w in CANDIDATES if w <= block_size} | {block_size})
+
+
+def expected_tokens(rates: list[float], width: int) -> float:
+    """E(w): the anchor's token plus each draft position reached and accepted."""
+    total, reach = 1.0, 1.0
+    for a in rates[: width - 1]:
+        reach *= a
+        total += reach
+    return total
+
+
+@dataclass
+class Acceptance:
+    """Per-position acceptance rates a_1 … a_{B-1}: decayed counts plus a prior."""
+
+    prior: list[float]
+    strength: float = PRIOR_STRENGTH
+    decay: float = DECAY
+    accepted: list[float] = field(default_factory=list)
+    rejected: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.prior)
+        self.accepted = self.accepted or [0.0] * n
+        self.rejected = self.rejected or [0.0] * n
+
+    def observe(self, width: int, accepted: int) -> None:
+        """Positions 1 … accepted were accepted, position accepted + 1 (if drafted) not;
+        positions after it were not tried."""
+        for i in range(len(self.prior)):
+            self.accepted[i] *= self.decay
+            self.rejected[i] *= self.decay
+        for i in range(min(accepted, len(self.prior))):
+            self.accepted[i] += 1
+        if accepted < min(width - 1, len(self.prior)):
+            self.rejected[accepted] += 1
+
+    def rates(self) -> list[float]:
+        m = self.strength
+        return [
+            (s + m * p) / (s + f + m)
+            for s, f, p in zip(self.accepted, self.rejected, self.prior, strict=True)
+        ]
+
+
+def prior_rates(draft: Any, block_size: int) -> list[float]:
+    """a_1 … a_{B-1} from the draft's training result (cumulative per-position
+    acceptance, as `dflash-mlx train` writes it), else a generic prior."""
+    cumulative = getattr(draft, "acceptance_prior", None) or []
+    rates, before = [], 1.0
+    for k in range(block_size - 1):
+        if k < len(cumulative) and before > 0:
+            rate = cumulative[k] / before
+            before = cumulative[k]
+        else:
+            rate = rates[-1] if rates else GENERIC_PRIOR
+        rates.append(min(max(rate, 0.01), 0.99))
+    return rates
+
+
+@dataclass
+class Costs:
+    """Seconds per cycle of each measured width (1: a plain target step)."""
+
+    seconds: dict[int, float]
+    context: int = CONTEXT
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "context": self.context, "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Costs:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
+        seconds = {int(w): float(s) for w, s in data["seconds"].items()}
+        if 1 not in seconds or any(not (s > 0 and math.isfinite(s)) for s in seconds.values()):
+            raise ValueError("needs a positive time for width 1 and every other width")
+        return cls(seconds, int(data.get("context", CONTEXT)))
+
+
+class AutoPolicy:
+    """The width with the most expected tokens per second, cycle by cycle."""
+
+    def __init__(self, costs: Costs, rates: list[float], block_size: int):
+        self.widths = [w for w in widths_up_to(block_size) if w in costs.seconds] or [1]
+        self.max_width = max(self.widths)
+        self.costs = costs
+        self.prior = list(rates[: self.max_width - 1])
+        self.acceptance = Acceptance(list(self.prior))
+        self.scale = {"step": 1.0, "cycle": 1.0}  # measured / calibrated, per kind
+        self._seen: set[int] = set()
+        self.plain = 0  # plain steps since the last drafting cycle
+        self.failed_probes = 0
+        self._probe: int | None = None  # width of the probe in flight
+
+    def seconds(self, width: int) -> float:
+        return self.costs.seconds[width] * self.scale["step" if width == 1 else "cycle"]
+
+    def best(self, widths: list[int], rates: list[float] | None = None) -> int:
+        rates = rates or self.acceptance.rates()
+        return max(widths, key=lambda w: expected_tokens(rates, w) / self.seconds(w))
+
+    def probe_width(self) -> int:
+        """Where to try drafting again: the best drafting width at the prior's rates."""
+        return self.best(self.widths[1:], self.prior)
+
+    def probe_after(self) -> int:
+        """Plain steps before the next probe: a probe's extra cost stays under PROBE_BUDGET
+        of the steps' time, doubling with every probe that did not pay for itself."""
+        extra = self.seconds(self.probe_width()) / self.seconds(1) - 1
+        return max(PROBE_AFTER, math.ceil(extra / PROBE_BUDGET)) << min(self.failed_probes, 8)
+
+    def choose(self) -> int:
+        width = self.best(self.widths)
+        if self.plain == 0 and width > 1:
+            return width
+        # Drafting does not pay, or stopped paying: plain steps, now and then a probe.
+        if self.max_width > 1 and self.plain >= self.probe_after():
+            self.plain, self._probe = 0, self.probe_width()
+            return self._probe
+        self.plain += 1
+        return 1
+
+    def observe(self, width: int, accepted: int, seconds: float) -> None:
+        if width in self._seen:  # the first cycle of a width may include compiling it
+            kind = "step" if width == 1 else "cycle"
+            ratio = min(max(seconds / self.costs.seconds[width], 0.25), 4.0)
+            self.scale[kind] = math.exp(0.8 * math.log(self.scale[kind]) + 0.2 * math.log(ratio))
+        self._seen.add(width)
+        if width == 1:
+            return
+        if self._probe == width:
+            self._probe = None
+            if (1 + accepted) / self.seconds(width) > 1 / self.seconds(1):
+                # It paid for itself: the text changed; judge it afresh from the prior.
+                self.failed_probes = 0
+                self.acceptance = Acceptance(list(self.prior))
+            else:
+                self.failed_probes += 1
+        self.acceptance.observe(width, accepted)
+
+
+# -- measuring the costs, once per machine and pair ---------------------------------------
+
+
+@dataclass
+class ScriptPolicy:
+    """Cycles of the given widths in order (then width 1), recording wall times."""
+
+    script: list[int]
+    max_width: int = 1
+    times: dict[int, list[float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.max_width = max(self.script)
+        self._next = 0
+
+    def choose(self) -> int:
+        width = self.script[self._next] if self._next < len(self.script) else 1
+        self._next += 1
+        return width
+
+    def observe(self, width: int, accepted: int, seconds: float) -> None:
+        self.times.setdefault(width, []).append(seconds)
+
+
+def measure_costs(
+    model: nn.Module,
+    draft: Any,
+    widths: list[int],
+    context: int = CONTEXT,
+    progress: Callable[[int, int], None] | None = None,
+) -> Costs:
+    """Time real cycles of each width (the decode loop itself, on random tokens after a
+    `context`-token prompt): median of TIMED cycles after WARMUP."""
+    from .generate import dflash_cycles  # the loop imports this module
+
+    per_width = WARMUP + TIMED
+    script = [w for w in widths for _ in range(per_width)]
+    policy = ScriptPolicy(script)
+    vocab = draft.config.vocab_size
+    prompt = mx.random.randint(0, vocab, (context,), key=mx.random.key(0))
+    cycles = dflash_cycles(model, draft, prompt, max_tokens=sum(script) + 1, policy=policy)
+    for done, _ in enumerate(cycles):  # the first is the prompt's token
+        if progress and done and done % per_width == 0:
+            progress(done // per_width, len(widths))
+        if done == len(script):
+            break
+    cycles.close()
+    seconds, most = {}, 0.0
+    for w in widths:
+        times = sorted(policy.times.get(w, [])[WARMUP:])
+        if times:
+            # A wider cycle does no less work: a cheaper reading than a narrower width's
+            # is noise (another process, a clock change), so take the larger one.
+            most = max(most, times[len(times) // 2])
+            seconds[w] = most
+    return Costs(seconds, context)
+
+
+def costs_path(model: nn.Module, draft: Any) -> Path:
+    """One file per machine, MLX version and pair (shapes and weights fingerprinted)."""
+    from .calibrate import cache_dir
+    from .session import _backend, pair_fingerprint
+
+    info = mx.device_info() if hasattr(mx, "device_info") and _backend() != "cpu" else {}
+    device = str(info.get("device_name") or f"{platform.machine()}-{os.cpu_count()}cpu")
+    key = json.dumps([_backend(), device, mx.__version__, pair_fingerprint(model, draft)])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / f"costs-{_backend()}-{digest}.json"
+
+
+_measured: dict[Path, Costs] = {}
+
+
+def cached_costs(model: nn.Module, draft: Any, block_size: int, force: bool = False) -> Costs:
+    """This machine's costs for the pair: from memory, from the cache file, or measured
+    now (a few seconds, with a progress line) and saved; `force` measures again."""
+    from .progress import Progress
+
+    path = costs_path(model, draft)
+    widths = widths_up_to(block_size)
+    costs = None if force else _measured.get(path)
+    if costs is None and path.exists() and not force:
+        try:
+            costs = Costs.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            costs = None  # unreadable: measure again, overwrite it
+    if costs is None or any(w not in costs.seconds for w in widths):
+        bar = Progress(len(widths), "dflash_mlx: timing block sizes for --block-size auto (once)")
+        start = time.perf_counter()
+        measured = measure_costs(model, draft, widths, progress=lambda d, _: bar.update(1))
+        bar.close()
+        old = costs.seconds if costs else {}
+        costs = Costs({**old, **measured.seconds}, measured.context)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(costs.to_json(), indent=1))
+        os.replace(tmp, path)
+        print(
+            f"dflash_mlx: block-size costs measured in {time.perf_counter() - start:.1f} s, "
+            f"saved to {path}",
+            file=sys.stderr,
+        )
+    _measured[path] = costs
+    return costs
+
+
+def make_policy(model: nn.Module, draft: Any, block_size: int | str | None) -> BlockPolicy:
+    """--block-size N: FixedPolicy(N); None or 'auto': AutoPolicy on this machine's costs."""
+    if block_size is None or block_size == "auto":
+        B = draft.block_size
+        return AutoPolicy(cached_costs(model, draft, B), prior_rates(draft, B), B)
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise ValueError(  # noqa: TRY004 (a bad value from the user: one line)
+            f"block size must be a positive int or 'auto', got {block_size!r}"
+        )
+    if block_size < 1:
+        raise ValueError(f"block size must be >= 1, got {block_size}")
+    return FixedPolicy(block_size)

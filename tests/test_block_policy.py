@@ -1,0 +1,226 @@
+"""--block-size auto: the expected-tokens model, the width it picks, probing, the cost
+cache, and lossless output whatever the widths."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import generate_step
+
+from dflash_mlx import block_policy
+from dflash_mlx.block_policy import AutoPolicy, Costs, FixedPolicy, expected_tokens, make_policy
+from dflash_mlx.generate import dflash_cycles
+
+
+def exact_expected_tokens(rates: list[float], width: int) -> float:
+    """E[tokens per cycle] by enumerating every outcome of the w-1 drafts: the accepted
+    prefix ends at the first rejection; the cycle emits it plus the target's token."""
+    total = 0.0
+    for outcome in itertools.product([True, False], repeat=width - 1):
+        p, k = 1.0, None
+        for i, accepted in enumerate(outcome):
+            p *= rates[i] if accepted else 1 - rates[i]
+        k = next((i for i, accepted in enumerate(outcome) if not accepted), width - 1)
+        total += p * (k + 1)
+    return total
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 5, 8])
+def test_expected_tokens_is_the_mean_over_all_outcomes(width):
+    rates = [0.9, 0.7, 0.55, 0.8, 0.3, 0.6, 0.95]
+    assert expected_tokens(rates, width) == pytest.approx(exact_expected_tokens(rates, width))
+
+
+def best_by_hand(rates, seconds):
+    return max(seconds, key=lambda w: exact_expected_tokens(rates, w) / seconds[w])
+
+
+@pytest.mark.parametrize(
+    "seconds",
+    [
+        {1: 1.0, 2: 1.1, 4: 1.2, 8: 1.5, 16: 2.5},  # GPU-like: verify width nearly free
+        {1: 1.0, 2: 2.0, 4: 3.6, 8: 6.5, 16: 12.0},  # CPU-like: a verify costs per token
+        {1: 1.0, 2: 1.3, 4: 1.6, 8: 2.1, 16: 3.0},
+    ],
+)
+def test_auto_picks_the_width_with_most_tokens_per_second(seconds):
+    rates = [0.9, 0.85, 0.8, 0.75, 0.7, 0.7, 0.6, 0.6, 0.5, 0.5, 0.5, 0.4, 0.4, 0.3, 0.3]
+    policy = AutoPolicy(Costs(dict(seconds)), rates, 16)
+    policy.acceptance.strength = 1e9  # the rates exactly (no observations yet anyway)
+    assert policy.choose() == best_by_hand(rates, seconds)
+
+
+def test_observed_acceptance_moves_the_rates():
+    """Counts with a prior of strength m: a_i = (s_i + m p_i) / (s_i + f_i + m)."""
+    acc = block_policy.Acceptance([0.5, 0.5, 0.5], strength=2.0, decay=1.0)
+    acc.observe(4, 1)  # position 1 accepted, 2 rejected, 3 not tried
+    acc.observe(4, 3)  # all three accepted
+    assert acc.rates() == pytest.approx([(2 + 1) / (2 + 2), (1 + 1) / (2 + 2), (1 + 1) / (1 + 2)])
+
+
+def test_auto_falls_back_to_plain_steps_and_probes_back():
+    """Drafts never accepted: plain steps, and probes whose extra time stays within a
+    few percent; acceptance recovers: drafting again from the next probe on."""
+    seconds = {1: 1.0, 2: 1.1, 4: 1.2, 8: 1.5, 16: 2.5}
+    policy = AutoPolicy(Costs(seconds), [0.8] * 15, 16)
+    widths = []
+    for _ in range(5000):
+        w = policy.choose()
+        widths.append(w)
+        policy.observe(w, 0, seconds[w])
+    extra = sum(seconds[w] - 1 for w in widths[100:])
+    assert widths[-1] == 1 and extra < 0.02 * len(widths[100:])
+    probes = [i for i, w in enumerate(widths) if w > 1 and i > 100]
+    assert all(b - a > 2 * block_policy.PROBE_AFTER for a, b in itertools.pairwise(probes))
+    # The text turns predictable: every draft is accepted from now on. (Positions past
+    # the widths tried keep the prior's rate, so the width settles at 8 here, not 16.)
+    n = len(widths)
+    for _ in range(20000):
+        w = policy.choose()
+        widths.append(w)
+        policy.observe(w, w - 1, seconds[w])
+        if min(widths[-20:]) > 1:
+            break
+    assert min(widths[-20:]) >= 8 and len(widths) - n < 30 * block_policy.PROBE_AFTER << 8
+
+
+def test_auto_on_cpu_like_costs_decodes_plainly():
+    """Where even the prior's acceptance does not pay for a draft (a CPU: a verify costs
+    about a step per token), auto decodes plainly from the first cycle on, and its
+    probes cost under 2 % of the time."""
+    seconds = {1: 1.0, 2: 2.0, 3: 2.6, 4: 3.0, 8: 4.6, 16: 8.1}
+    rates = [0.71, 0.8, 0.79, 0.76, 0.87, 0.86, 0.92, 0.89, 0.98, 0.98]
+    policy = AutoPolicy(Costs(seconds), rates + [0.98] * 5, 16)
+    widths = []
+    for _ in range(1000):
+        w = policy.choose()
+        widths.append(w)
+        policy.observe(w, 0, seconds[w])
+    assert widths[0] == 1
+    assert sum(seconds[w] - 1 for w in widths) < 0.02 * len(widths)
+
+
+def test_fixed_and_bad_block_sizes():
+    assert isinstance(make_policy(None, None, 6), FixedPolicy)
+    assert make_policy(None, None, 6).choose() == 6
+    for bad in (0, -3, "big", 2.5, True):
+        with pytest.raises(ValueError, match="block size"):
+            make_policy(None, None, bad)
+
+
+def test_prior_from_the_training_result():
+    """train_result.json gives P(first k accepted); the prior is its conditional rates."""
+
+    from types import SimpleNamespace
+
+    draft = SimpleNamespace(acceptance_prior=[0.8, 0.4, 0.2])
+    assert block_policy.prior_rates(draft, 6) == pytest.approx([0.8, 0.5, 0.5, 0.5, 0.5])
+    assert block_policy.prior_rates(object(), 3) == [block_policy.GENERIC_PRIOR] * 2
+
+
+def test_load_draft_reads_the_training_result(tmp_path, tiny_pair):
+    from dflash_mlx import load_draft
+
+    _, _, draft_dir = tiny_pair
+    copy = tmp_path / "draft"
+    copy.mkdir()
+    for f in draft_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    assert getattr(load_draft(copy), "acceptance_prior", None) is None
+    result = {"eval": {"per_position_acceptance": [0.7, 0.5, 0.25]}}
+    (copy / "train_result.json").write_text(json.dumps(result))
+    assert load_draft(copy).acceptance_prior == [0.7, 0.5, 0.25]
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    from conftest import write_random_draft
+    from mlx_lm import load as mlx_lm_load
+    from tiny_models import load_config, make_target
+
+    from dflash_mlx import load_draft
+
+    root = tmp_path_factory.mktemp("auto")
+    target = make_target(root / "target", "qwen3")
+    draft_dir = write_random_draft(root / "draft", load_config(target), block_size=8)
+    model, _ = mlx_lm_load(str(target))
+    return model, load_draft(draft_dir), draft_dir
+
+
+def greedy_reference(model, prompt, n):
+    steps = generate_step(mx.array(prompt), model, max_tokens=n)
+    return [int(t) for t, _ in steps]
+
+
+PROMPT = [5, 17, 42, 7, 99, 3, 12, 8]
+
+
+def test_measured_costs_are_cached_and_auto_is_lossless(tmp_path, monkeypatch, tiny_pair):
+    """On this machine's own measured costs (real timing, cached per pair under
+    XDG_CACHE_HOME): output == mlx_lm greedy; the second run reads the file."""
+    model, draft, _ = tiny_pair
+    monkeypatch.undo()  # the real cached_costs, not the suite's GPU-like stand-in
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(block_policy, "_measured", {})
+    expected = greedy_reference(model, PROMPT, 40)
+    got = [
+        t for c in dflash_cycles(model, draft, mx.array(PROMPT), max_tokens=40) for t in c.tokens
+    ]
+    assert got == expected
+    files = list((tmp_path / "dflash_mlx").glob("costs-*.json"))
+    assert len(files) == 1
+    costs = Costs.from_json(json.loads(files[0].read_text()))
+    assert set(costs.seconds) == set(block_policy.widths_up_to(draft.block_size))
+    calls = []
+    monkeypatch.setattr(block_policy, "_measured", {})
+    monkeypatch.setattr(block_policy, "measure_costs", lambda *a, **k: calls.append(a))
+    make_policy(model, draft, "auto")
+    assert calls == []
+
+
+def test_a_bad_cost_file_is_measured_again(tmp_path, monkeypatch, tiny_pair):
+    model, draft, _ = tiny_pair
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(block_policy, "_measured", {})
+    path = block_policy.costs_path(model, draft)
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    policy = make_policy(model, draft, "auto")
+    assert isinstance(policy, AutoPolicy)
+    assert (
+        Costs.from_json(json.loads(path.read_text())).seconds.keys() == policy.costs.seconds.keys()
+    )
+
+
+@pytest.mark.parametrize("draft_kind", ["oracle", "random"])
+def test_auto_widths_vary_and_output_is_the_targets(tiny_pair, draft_kind):
+    """GPU-like costs (the suite's stand-in): an oracle draft keeps full blocks, a random
+    one falls back to plain steps and probes; either way output == mlx_lm greedy."""
+    from test_generate import OracleDraft
+
+    model, draft, _ = tiny_pair
+    n = 120
+    expected = greedy_reference(model, PROMPT, n + draft.block_size)
+    if draft_kind == "oracle":
+        draft = OracleDraft(draft.config, PROMPT + expected, [None])
+    expected = expected[:n]
+    widths = []
+
+    class Recording(AutoPolicy):
+        def observe(self, width, accepted, seconds):
+            widths.append(width)
+            super().observe(width, accepted, seconds)
+
+    base = make_policy(model, draft, "auto")
+    policy = Recording(base.costs, base.acceptance.prior, draft.block_size)
+    cycles = dflash_cycles(model, draft, mx.array(PROMPT), max_tokens=n, policy=policy)
+    got = [t for c in cycles for t in c.tokens]
+    assert got == expected
+    if draft_kind == "oracle":
+        assert set(widths[:-1]) == {draft.block_size}
+    else:
+        assert widths.count(1) > len(widths) / 2 and max(widths) > 1
