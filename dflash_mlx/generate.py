@@ -199,7 +199,7 @@ def dflash_cycles(
                     # A plain step: the target alone, as mlx_lm decodes.
                     block = anchor
                     logprobs, dist = pick(session.decode(block), block)
-                    n_acc, nxt = 0, sample(dist[0])
+                    n_acc, nxt = 0, session.decide(mx.array(0), sample(dist[0]))[1]
                     valid = 1
                 else:
                     # Propose: one draft forward drafts bs-1 tokens after the anchor.
@@ -339,6 +339,7 @@ def stream_generate(
     draft_window: int | None = None,
     input_embeddings: mx.array | None = None,
     num_draft_tokens: int | None = None,
+    session_class: type[VerifySession] = VerifySession,
 ) -> Generator[GenerationResponse, None, None]:
     """Like `mlx_lm.stream_generate`: one response per token, same text and stopping,
     the same keywords where they make sense with a DFlash draft.
@@ -395,6 +396,7 @@ def stream_generate(
         kv_group_size=kv_group_size,
         quantized_kv_start=quantized_kv_start,
         prompt_progress_callback=prompt_progress_callback,
+        session_class=session_class,
     )
     tic = time.perf_counter()
     n, n_cycles, emitted_in_cycles = 0, 0, 0
@@ -694,6 +696,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help="The draft attends to at most this many recent context positions "
         "(default: all of them)",
     )
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="Under mlx.launch: split the target's layers over the processes (pipeline "
+        "parallelism) instead of sharding every layer (tensor parallelism)",
+    )
     return parser
 
 
@@ -784,12 +792,27 @@ def run(args: argparse.Namespace) -> None:
     if args.seed is not None:
         mx.random.seed(args.seed)
 
-    model, tokenizer = load(
-        model_path,
-        adapter_path=args.adapter_path,
-        tokenizer_config=tokenizer_config,
-        trust_remote_code=args.trust_remote_code,
-    )
+    group = mx.distributed.init()  # size > 1 under mlx.launch: a sharded target
+    if group.size() > 1:
+        from . import distributed
+
+        if args.adapter_path is not None:
+            raise ValueError("--adapter-path does not work with a sharded target")
+        if using_cache:
+            raise ValueError("--prompt-cache-file does not work with a sharded target")
+        model, tokenizer = distributed.load(
+            model_path,
+            pipeline=args.pipeline,
+            tokenizer_config=tokenizer_config,
+            trust_remote_code=args.trust_remote_code,
+        )
+    else:
+        model, tokenizer = load(
+            model_path,
+            adapter_path=args.adapter_path,
+            tokenizer_config=tokenizer_config,
+            trust_remote_code=args.trust_remote_code,
+        )
     draft = load_draft(draft_path)
     check_pair(model, draft)
     prompt_cache = None
@@ -832,12 +855,13 @@ def run(args: argparse.Namespace) -> None:
     if not prompt:
         raise ValueError("the prompt is empty")
 
-    text = generate(
+    first = group.rank() == 0  # with several processes, only rank 0 prints
+    text = (distributed.generate if group.size() > 1 else generate)(
         model,
         draft,
         tokenizer,
         prompt,
-        verbose=args.verbose,
+        verbose=args.verbose and first,
         max_tokens=args.max_tokens,
         temp=args.temp,
         top_p=args.top_p,
@@ -856,7 +880,7 @@ def run(args: argparse.Namespace) -> None:
         block_size=args.block_size,
         draft_window=args.draft_window,
     )
-    if not args.verbose:
+    if not args.verbose and first:
         print(text)
 
 
