@@ -15,7 +15,29 @@ and LM head are shared and frozen; only the draft's layers, fc and norms train.
 The output directory is a draft checkpoint in the published HF layout (config.json +
 model.safetensors), readable by `dflash_mlx.load_draft`, `dflash-mlx convert` and the PyTorch
 reference; it also holds `train_state/` (full-precision weights, optimizer state, step)
-so an interrupted run resumes with `--resume`, and `eval.json` (tau on held-out prompts).
+so an interrupted run resumes with `--resume`, and `train_result.json` (loss, timings,
+tau on held-out prompts, also at long contexts with `--eval-long-data`).
+
+`--arch dflash2` trains z-lab's DFlash 2 draft (`DFlash2DraftModel`) with the same data,
+blocks and loss, plus the objective of its candidate selector. z-lab publishes the model
+(inference) but no training code; the recipe here follows SGLang's SpecForge, which trains
+DFlash 2 drafts (docs/concepts/DFlash2.md, specforge/modeling/draft/dflash2.py):
+
+- initialisation: every grouped convolution starts as the identity (base kernel 1 at tap 0,
+  0 elsewhere; dynamic kernel projection 0) and the selector's successor codebook at 0
+  (predecessor codebook ~ N(0, 0.02)), so a fresh DFlash 2 draft is exactly a DFlash draft
+  whose selector picks the argmax;
+- selector loss: at every block position k >= 1 the selector scores the draft's top-k
+  candidates after the true previous token (the anchor for k = 1); cross-entropy of that
+  softmax over the k candidates against the true token, where the true token is among
+  them (a miss is the backbone's error, not the selector's: no selector term). It is
+  weighted like the block loss (exp(-(k-1)/gamma)) and added to it with
+  `--selector-loss-weight` (1.0) over the block loss's own denominator; its gradient also
+  reaches the draft's logits and hidden states.
+
+Teacher forcing the predecessor is exact for what acceptance measures: a drafted token
+counts only when every token before it in the block was accepted, i.e. when the selector's
+own previous pick was the true token.
 """
 
 from __future__ import annotations
@@ -37,8 +59,9 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoint import DTYPES
-from .config import DraftConfig, build_target_layer_ids
+from .config import DFLASH, DFLASH2, DraftConfig, build_target_layer_ids
 from .convert import check_writable
+from .dflash2 import DFlash2DraftModel
 from .drafter import DraftModel
 from .progress import Progress
 from .tap import embedding_and_head, tap_hidden_states, target_layers
@@ -46,6 +69,20 @@ from .tap import embedding_and_head, tap_hidden_states, target_layers
 # The paper's decay of the loss weight along the block, per block size.
 GAMMA = {16: 7.0, 10: 5.0, 8: 4.0}
 MASK_TOKEN_NAMES = ("<|mask|>", "<mask>", "[MASK]", "<|MASK|>")
+ARCHS = {"dflash": DFLASH, "dflash2": DFLASH2}
+# DFlash 2 defaults: z-lab's published drafts (Qwen3.8-27B-DFlash2, Muse-Glimmer-DFlash2).
+DFLASH2_DEFAULTS = {
+    "conv_kernel_size": 2,
+    "conv_group_size": 16,
+    "selector_rank": 256,
+    "selector_top_k": 16,
+}
+# Training rows are padded to a multiple of this (not to --seq-len): batches hold
+# sequences of similar length, so few distinct shapes are compiled and little is padding.
+PAD_MULTIPLE = 512
+# Length buckets: the epoch's order is cut into windows of this many batches, each sorted
+# by sequence length before it is cut into batches.
+BUCKET_BATCHES = 16
 
 
 def default_gamma(block_size: int) -> float:
@@ -112,6 +149,40 @@ def _keys_values(attn: nn.Module, x: mx.array) -> tuple[mx.array, mx.array]:
     return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
+def _packed_attention(
+    draft: DraftModel,
+    attn: nn.Module,
+    x: mx.array,
+    ctx: mx.array,
+    anchors: mx.array,
+    mask: mx.array,
+) -> mx.array:
+    """One layer's attention (o_proj applied) for packed blocks x [N, m*B, H]."""
+    B = draft.block_size
+    N, L, _ = x.shape
+    q = attn.q_norm(attn.q_proj(x).reshape(N, L, attn.n_heads, -1)).transpose(0, 2, 1, 3)
+    q = _rope_blocks(q, draft.rope, anchors, B)
+    kc, vc = _keys_values(attn, ctx)
+    kb, vb = _keys_values(attn, x)
+    k = mx.concatenate([draft.rope(kc), _rope_blocks(kb, draft.rope, anchors, B)], axis=2)
+    v = mx.concatenate([vc, vb], axis=2)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=mask)
+    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(N, L, -1))
+
+
+def _conv_before(conv: nn.Module, x: mx.array, block_size: int) -> tuple[mx.array, mx.array]:
+    """DFlash 2's convolution before a sublayer, block by block: packed rows [N, m*B, H]
+    are [N*m] separate blocks, and the convolution never reaches into the previous one."""
+    N, L, H = x.shape
+    y, kernel = conv.prepare(x.reshape(N * (L // block_size), block_size, H))
+    return y.reshape(N, L, H), kernel
+
+
+def _conv_after(conv: nn.Module, y: mx.array, kernel: mx.array, block_size: int) -> mx.array:
+    N, L, H = y.shape
+    return conv.finish(y.reshape(-1, block_size, H), kernel).reshape(N, L, H)
+
+
 def packed_forward(
     draft: DraftModel,
     block_embeds: mx.array,
@@ -124,10 +195,10 @@ def packed_forward(
     block_embeds: [N, m*B, H] embeddings of [anchor, MASK…] for every block.
     context: [N, S, n_taps*H] tapped target features of positions 0 … S-1.
     anchors: [N, m] positions of the blocks' first tokens.
-    Returns the final-normed hidden states [N, m*B, H].
+    Returns the final-normed hidden states [N, m*B, H]. DFlash 2 layers wrap attention
+    and MLP in their grouped causal convolutions, within each block.
     """
     B = draft.block_size
-    N, L, _ = block_embeds.shape
     S = context.shape[1]
     ctx = draft.hidden_norm(draft.fc(context))
     masks = {} if masks is None else masks
@@ -138,17 +209,36 @@ def packed_forward(
         if key not in masks:
             masks[key] = block_mask(anchors, B, S, attn.causal, attn.window)
         x = layer.input_layernorm(h)
-        q = attn.q_norm(attn.q_proj(x).reshape(N, L, attn.n_heads, -1)).transpose(0, 2, 1, 3)
-        q = _rope_blocks(q, draft.rope, anchors, B)
-
-        kc, vc = _keys_values(attn, ctx)
-        kb, vb = _keys_values(attn, x)
-        k = mx.concatenate([draft.rope(kc), _rope_blocks(kb, draft.rope, anchors, B)], axis=2)
-        v = mx.concatenate([vc, vb], axis=2)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=masks[key])
-        h = h + attn.o_proj(out.transpose(0, 2, 1, 3).reshape(N, L, -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if hasattr(layer, "attention_conv"):  # DFlash 2
+            x, kernel = _conv_before(layer.attention_conv, x, B)
+            a = _packed_attention(draft, attn, x, ctx, anchors, masks[key])
+            h = h + _conv_after(layer.attention_conv, a, kernel, B)
+            x, kernel = _conv_before(layer.mlp_conv, layer.post_attention_layernorm(h), B)
+            h = h + _conv_after(layer.mlp_conv, layer.mlp(x), kernel, B)
+        else:
+            h = h + _packed_attention(draft, attn, x, ctx, anchors, masks[key])
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
     return draft.norm(h)
+
+
+def selector_scores(
+    selector: nn.Module, hidden: mx.array, logits: mx.array, previous: mx.array
+) -> tuple[mx.array, mx.array]:
+    """DFlash 2's candidates and their scores at every position at once.
+
+    hidden [..., H] (final-normed), logits [..., V], previous [...] (the token before each
+    position). Returns (candidates [..., k], the draft's top-k tokens, and their scores
+    [..., k] float32: logit + <predecessor[previous] * proj(hidden), successor[candidate]>),
+    what CandidateSelector computes one position at a time while it walks a block.
+    """
+    k = selector.top_k
+    candidates = mx.stop_gradient(mx.argpartition(-logits, k - 1, axis=-1)[..., :k])
+    candidates = candidates.astype(mx.int32)
+    unary = mx.take_along_axis(logits, candidates, axis=-1).astype(mx.float32)
+    proj = selector.hidden_projection(hidden).astype(mx.float32)
+    context = selector.predecessor_codebook[previous].astype(mx.float32) * proj  # [..., r]
+    succ = selector.successor_codebook[candidates].astype(mx.float32)  # [..., k, r]
+    return candidates, unary + (succ @ context[..., None])[..., 0]
 
 
 def block_inputs(
@@ -175,30 +265,62 @@ def block_loss(
     anchors: mx.array,
     block_valid: mx.array,
     weights: mx.array,
+    selector_weight: float = 1.0,
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """Weighted cross-entropy of the packed blocks.
+    """Weighted cross-entropy of the packed blocks (+ DFlash 2's selector term).
 
     tokens [N, T], lengths [N] (valid tokens per row), context [N, T, F], anchors [N, m],
     block_valid [N, m] (0 for padding blocks), weights [B-1].
-    Returns (loss, per-position accuracy [B-1], expected accepted drafts per block).
+    Returns (loss, per-position accuracy [B-1], expected accepted drafts per block), the
+    last two of the tokens greedy decoding would draft (the selector's picks for DFlash 2).
     """
     B = draft.block_size
     N, m = anchors.shape
     ids, labels = block_inputs(tokens, anchors, B, draft.mask_token_id)
     h = packed_forward(draft, draft.embed(ids).astype(mx.float32), context, anchors)
-    logits = draft.logits(h.reshape(N, m, B, -1)[:, :, 1:]).astype(mx.float32)
+    hidden = h.reshape(N, m, B, -1)[:, :, 1:]
+    logits = draft.logits(hidden).astype(mx.float32)
     in_seq = (anchors[:, :, None] + mx.arange(1, B)) < lengths[:, None, None]
     valid = (in_seq & (block_valid[:, :, None] > 0)).astype(mx.float32)  # [N, m, B-1]
     ce = nn.losses.cross_entropy(logits, labels, reduction="none")
     w = weights * valid
-    loss = (ce * w).sum() / mx.maximum(w.sum(), 1.0)
-    correct = (mx.argmax(logits, axis=-1) == labels).astype(mx.float32) * valid
+    numerator = (ce * w).sum()
+    if isinstance(draft, DFlash2DraftModel):
+        # The selector after the true previous token: the anchor, then the labels.
+        previous = mx.concatenate([ids.reshape(N, m, B)[:, :, :1], labels[:, :, :-1]], axis=2)
+        candidates, scores = selector_scores(draft.candidate_selector, hidden, logits, previous)
+        hit = candidates == labels[..., None]
+        covered = hit.any(axis=-1).astype(mx.float32)
+        true_score = mx.where(hit, scores, 0.0).sum(axis=-1)
+        selector_ce = mx.logsumexp(scores, axis=-1) - true_score
+        numerator = numerator + selector_weight * (selector_ce * w * covered).sum()
+        choice = mx.argmax(scores, axis=-1)[..., None]
+        drafted = mx.take_along_axis(candidates, choice, axis=-1)[..., 0]
+    else:
+        drafted = mx.argmax(logits, axis=-1)
+    loss = numerator / mx.maximum(w.sum(), 1.0)
+    correct = (drafted == labels).astype(mx.float32) * valid
     acc = correct.sum(axis=(0, 1)) / mx.maximum(valid.sum(axis=(0, 1)), 1.0)
     # Greedy drafts accepted per block: the length of the all-correct prefix.
     run = mx.cumprod(correct, axis=-1).sum(axis=-1)
     full = (block_valid > 0).astype(mx.float32)
     accepted = (run * full).sum() / mx.maximum(full.sum(), 1.0)
     return loss, acc, accepted
+
+
+def init_dflash2(draft: DFlash2DraftModel, std: float = 0.02) -> None:
+    """Start a DFlash 2 draft as the DFlash draft it extends (SpecForge's initialisation):
+    identity convolutions (base kernel 1 at tap 0, no dynamic kernel) and a selector whose
+    transition score is 0 (successor codebook 0), so it first picks the argmax."""
+    for layer in draft.layers:
+        for conv in (layer.attention_conv, layer.mlp_conv):
+            K = conv.base_kernel.shape[1]
+            tap0 = (mx.arange(K) == 0).astype(mx.float32)[None, :, None]
+            conv.base_kernel = mx.broadcast_to(tap0, conv.base_kernel.shape) + 0.0
+            conv.kernel_projection.weight = mx.zeros_like(conv.kernel_projection.weight)
+    selector = draft.candidate_selector
+    selector.predecessor_codebook = std * mx.random.normal(selector.predecessor_codebook.shape)
+    selector.successor_codebook = mx.zeros_like(selector.successor_codebook)
 
 
 # ----------------------------------------------------------------------------------------
@@ -300,9 +422,13 @@ def build_sequences(
         mx.random.seed(seed)
         sampler = make_sampler(temp=temp)
         tic = time.perf_counter()
-        n_tok = 0
-        for s in range(0, len(todo), batch_size):
-            chunk = todo[s : s + batch_size]
+        n_tok = n_prompt = 0
+        # Shortest prompts first: batch_generate pads each prefill batch to its longest
+        # prompt and holds a decode batch's KV at its longest, so batches of similar
+        # length waste neither time nor memory.
+        by_length = sorted(todo, key=lambda i: len(prompts[i]))
+        for s in range(0, len(by_length), batch_size):
+            chunk = by_length[s : s + batch_size]
             out = batch_generate(
                 model,
                 tokenizer,
@@ -316,10 +442,13 @@ def build_sequences(
             for i, ids in zip(chunk, out.token_ids):
                 responses[i] = list(ids)
                 n_tok += len(ids)
+                n_prompt += len(prompts[i])
             done = min(s + batch_size, len(todo))
             el = time.perf_counter() - tic
             print(
-                f"[data] generated {done}/{len(todo)} responses, {n_tok / el:.0f} tok/s", flush=True
+                f"[data] generated {done}/{len(todo)} responses ({n_prompt} prompt tokens, "
+                f"up to {len(prompts[chunk[-1]])} each), {n_tok / el:.0f} tok/s, {el:.0f}s",
+                flush=True,
             )
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -329,7 +458,9 @@ def build_sequences(
 
     seqs, dropped, truncated = [], 0, 0
     for p, r in zip(prompts, responses):
-        keep_prompt = max(0, min(len(p), seq_len - 2))
+        # Too long: the prompt loses its oldest tokens first, down to half the window;
+        # only then is the response cut.
+        keep_prompt = min(len(p), max(seq_len - len(r), seq_len // 2))
         ids = (p[len(p) - keep_prompt :] + r)[:seq_len]
         start = keep_prompt if p else 1  # given texts: any position after the first
         if len(r) < 2 or len(ids) - start < 2:
@@ -351,6 +482,24 @@ def build_sequences(
     return seqs
 
 
+def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The epoch's batches (indices into the sequences), a function of (seed, epoch).
+
+    A seeded permutation is cut into windows of BUCKET_BATCHES batches; each window is
+    sorted by sequence length and cut into batches, and the batches are shuffled: every
+    batch holds sequences of similar length (little padding), in random order.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    n_batches = max(1, len(lengths) // batch_size)
+    perm = rng.permutation(len(lengths))[: n_batches * batch_size]
+    batches = []
+    for s in range(0, len(perm), batch_size * BUCKET_BATCHES):
+        window = perm[s : s + batch_size * BUCKET_BATCHES]
+        window = window[np.argsort(lengths[window], kind="stable")]
+        batches += [window[i : i + batch_size] for i in range(0, len(window), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def sample_batch(
     seqs: list[tuple[list[int], int]],
     order: np.ndarray,
@@ -360,8 +509,13 @@ def sample_batch(
     blocks: int,
     pad_id: int,
 ) -> tuple[np.ndarray, ...]:
-    """Padded tokens [N, T], lengths [N], anchors [N, m], block validity [N, m]."""
-    tokens = np.full((batch_size, seq_len), pad_id, dtype=np.int32)
+    """Padded tokens [N, T], lengths [N], anchors [N, m], block validity [N, m].
+
+    T is the batch's longest sequence rounded up to PAD_MULTIPLE (at most seq_len).
+    """
+    longest = max(len(seqs[idx][0]) for idx in order)
+    width = min(seq_len, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+    tokens = np.full((batch_size, width), pad_id, dtype=np.int32)
     lengths = np.zeros(batch_size, dtype=np.int32)
     anchors = np.zeros((batch_size, blocks), dtype=np.int32)
     valid = np.zeros((batch_size, blocks), dtype=np.float32)
@@ -424,21 +578,26 @@ def evaluate_tau(
     records: list[dict],
     max_tokens: int = 256,
     block_size: int | None = None,
+    context: int | None = None,
 ) -> dict:
     """Greedy DFlash decoding of each prompt: mean acceptance length and its breakdown.
 
     tau = tokens emitted per verify cycle (accepted drafts + the target's token), averaged
     over all cycles after the prefill; per_position[k-1] = fraction of cycles whose first
-    k drafts were all accepted.
+    k drafts were all accepted. With `context`, each prompt is its last `context` tokens
+    (long held-out texts give contexts of any length up to theirs).
     """
     from .generate import dflash_cycles
 
     B = block_size or draft.block_size
     accepted = Counter()
     emitted = cycles = 0
+    prompt_tokens = []
     tic = time.perf_counter()
     for rec in records:
-        prompt = mx.array(encode_prompt(tokenizer, rec))
+        ids = encode_prompt(tokenizer, rec)
+        prompt = mx.array(ids[-context:] if context else ids)
+        prompt_tokens.append(prompt.size)
         for i, cycle in enumerate(
             dflash_cycles(model, draft, prompt, max_tokens=max_tokens, block_size=B)
         ):
@@ -457,6 +616,8 @@ def evaluate_tau(
         "cycles": cycles,
         "tokens": emitted,
         "prompts": len(records),
+        "prompt_tokens": {"min": min(prompt_tokens), "max": max(prompt_tokens)},
+        "context": context,
         "max_tokens": max_tokens,
         "block_size": B,
         "seconds": time.perf_counter() - tic,
@@ -494,7 +655,21 @@ def draft_config(model: nn.Module, tokenizer: Any, args: argparse.Namespace) -> 
     mask_id = args.mask_token_id
     if mask_id is None:
         mask_id = find_mask_token(tokenizer, vocab)
+    dflash_config: dict[str, Any] = {"mask_token_id": mask_id, "target_layer_ids": layer_ids}
+    if args.arch == "dflash2":
+        extra = dflash2_options(args)
+        if hidden % extra["conv_group_size"]:
+            raise ValueError(
+                f"--conv-group-size {extra['conv_group_size']} does not divide the "
+                f"target's hidden size {hidden}"
+            )
+        if extra["selector_top_k"] > vocab:
+            raise ValueError(
+                f"--selector-top-k {extra['selector_top_k']} exceeds the vocabulary ({vocab})"
+            )
+        dflash_config.update(extra)
     raw = {
+        "architectures": [ARCHS[args.arch]],
         "hidden_size": hidden,
         "intermediate_size": args.intermediate_size or get("intermediate_size") or 3 * hidden,
         "num_hidden_layers": args.num_layers,
@@ -503,7 +678,7 @@ def draft_config(model: nn.Module, tokenizer: Any, args: argparse.Namespace) -> 
         "head_dim": args.head_dim or get("head_dim") or hidden // heads,
         "vocab_size": vocab,
         "block_size": args.block_size,
-        "dflash_config": {"mask_token_id": mask_id, "target_layer_ids": layer_ids},
+        "dflash_config": dflash_config,
         "num_target_layers": n_target,
         "rms_norm_eps": get("rms_norm_eps", 1e-6) or 1e-6,
         "max_position_embeddings": get("max_position_embeddings", 40960) or 40960,
@@ -511,6 +686,27 @@ def draft_config(model: nn.Module, tokenizer: Any, args: argparse.Namespace) -> 
         "rope_scaling": get("rope_scaling"),
     }
     return DraftConfig.from_dict(raw)
+
+
+def dflash2_options(args: argparse.Namespace) -> dict[str, int]:
+    """The DFlash 2 fields of the config: the flags given, z-lab's values otherwise."""
+    return {
+        k: getattr(args, k) if getattr(args, k) is not None else v
+        for k, v in DFLASH2_DEFAULTS.items()
+    }
+
+
+def parse_contexts(text: str) -> list[int]:
+    """'128,1024,4096' -> [128, 1024, 4096] (--eval-contexts); ValueError names the flag."""
+    try:
+        contexts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        contexts = []
+    if not contexts or min(contexts) < 1:
+        raise ValueError(
+            f"--eval-contexts takes positive token counts like 128,1024,4096, got {text!r}"
+        )
+    return contexts
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -528,8 +724,27 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="draft checkpoint directory to write")
     p.add_argument("--eval-data", help="held-out prompts (jsonl) for tau at the end")
     p.add_argument("--eval-max-tokens", type=int, default=256)
-    p.add_argument("--eval-limit", type=int, default=None, help="use at most N eval prompts")
+    p.add_argument(
+        "--eval-limit", type=int, default=None, help="use at most N eval prompts (each file)"
+    )
+    p.add_argument(
+        "--eval-long-data",
+        help="long held-out texts (jsonl, {'prompt'}): tau with each cut to its last N "
+        "tokens, for every N of --eval-contexts",
+    )
+    p.add_argument(
+        "--eval-contexts",
+        default="128,1024,4096",
+        help="context lengths (tokens) for --eval-long-data (default 128,1024,4096)",
+    )
     g = p.add_argument_group("draft architecture (defaults follow the target)")
+    g.add_argument(
+        "--arch",
+        default="dflash",
+        choices=sorted(ARCHS),
+        help="dflash: DFlashDraftModel; dflash2: DFlash2DraftModel (grouped dynamic "
+        "convolutions and a candidate selector)",
+    )
     g.add_argument("--num-layers", type=int, default=2)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--target-layer-ids", default=None, help="e.g. 1,3,5 (default: spread)")
@@ -542,6 +757,19 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="default: the tokenizer's <|mask|> / <mask> / [MASK]",
+    )
+    g = p.add_argument_group("DFlash 2 (--arch dflash2; defaults: z-lab's published drafts)")
+    g.add_argument("--conv-kernel-size", type=int, default=None, help="taps (default 2)")
+    g.add_argument(
+        "--conv-group-size", type=int, default=None, help="channels per dynamic kernel (16)"
+    )
+    g.add_argument("--selector-rank", type=int, default=None, help="codebook rank (256)")
+    g.add_argument("--selector-top-k", type=int, default=None, help="candidates (16)")
+    g.add_argument(
+        "--selector-loss-weight",
+        type=float,
+        default=1.0,
+        help="weight of the selector's cross-entropy against the block loss (1.0)",
     )
     g = p.add_argument_group("data")
     g.add_argument("--gen-max-tokens", type=int, default=256, help="response length")
@@ -612,7 +840,23 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--warmup is a fraction of the steps, in [0, 1), got {args.warmup}")
     if args.gamma is not None and not (math.isfinite(args.gamma) and args.gamma > 0):
         raise ValueError(f"--gamma must be positive, got {args.gamma}")
-    for flag in ("data", "eval_data"):
+    w = args.selector_loss_weight
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"--selector-loss-weight must be a number >= 0, got {w}")
+    for flag in DFLASH2_DEFAULTS:
+        value = getattr(args, flag)
+        name = f"--{flag.replace('_', '-')}"
+        if value is not None and args.arch != "dflash2":
+            raise ValueError(f"{name} is a DFlash 2 option: add --arch dflash2")
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if args.arch == "dflash2" and dflash2_options(args)["conv_kernel_size"] > args.block_size:
+        raise ValueError(
+            f"--conv-kernel-size {dflash2_options(args)['conv_kernel_size']} exceeds "
+            f"--block-size {args.block_size}"
+        )
+    parse_contexts(args.eval_contexts)
+    for flag in ("data", "eval_data", "eval_long_data"):
         path = getattr(args, flag)
         if path is not None and not Path(path).is_file():
             raise ValueError(f"--{flag.replace('_', '-')} {path}: no such file")
@@ -643,6 +887,9 @@ def train(args: argparse.Namespace) -> dict:
     check_args(args)
     records = read_records(args.data)  # bad data or flags fail before anything slow
     eval_records = read_records(args.eval_data)[: args.eval_limit] if args.eval_data else []
+    long_records = (
+        read_records(args.eval_long_data)[: args.eval_limit] if args.eval_long_data else []
+    )
     np.random.seed(args.seed)
     mx.random.seed(args.seed)
     model, tokenizer = load(args.model)
@@ -657,17 +904,28 @@ def train(args: argparse.Namespace) -> dict:
         check_resume(saved, config, out)
         config = saved
     mx.random.seed(args.seed)
-    draft = DraftModel(config)
+    if config.is_dflash2:
+        draft = DFlash2DraftModel(config)
+        init_dflash2(draft)
+    else:
+        draft = DraftModel(config)
     draft.bind(model)
     mx.eval(draft.parameters())
     n_params = sum(v.size for _, v in tree_flatten(draft.parameters()))
     B = config.block_size
     gamma = args.gamma or default_gamma(B)
     n_layers = config.num_hidden_layers
+    extra = ""
+    if config.is_dflash2:
+        extra = (
+            f", DFlash 2: conv {config.conv_kernel_size} taps / groups of "
+            f"{config.conv_group_size}, selector rank {config.selector_rank} "
+            f"top-{config.selector_top_k} (loss weight {args.selector_loss_weight})"
+        )
     print(
         f"[draft] {n_params / 1e6:.2f}M parameters, {n_layers} layer{'s' * (n_layers != 1)}, "
         f"block {B}, taps {config.target_layer_ids}, mask id {config.mask_token_id}, "
-        f"gamma {gamma}",
+        f"gamma {gamma}{extra}",
         flush=True,
     )
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
@@ -690,7 +948,12 @@ def train(args: argparse.Namespace) -> dict:
     if not seqs:
         raise ValueError("no usable training sequences (responses too short?)")
     n_resp = sum(len(ids) - s for ids, s in seqs)
-    print(f"[data] {len(seqs)} sequences, {n_resp} response tokens ({t_data:.0f}s)", flush=True)
+    sizes = sorted(len(ids) for ids, _ in seqs)
+    print(
+        f"[data] {len(seqs)} sequences, {n_resp} response tokens, {sizes[len(sizes) // 2]} "
+        f"tokens each (median; longest {sizes[-1]}) ({t_data:.0f}s)",
+        flush=True,
+    )
 
     warm = max(1, int(args.warmup * args.steps))
     schedule = optim.join_schedules(
@@ -712,7 +975,9 @@ def train(args: argparse.Namespace) -> dict:
     layer_ids = config.target_layer_ids
 
     def loss_fn(draft, tokens, lengths, context, anchors, valid):
-        return block_loss(draft, tokens, lengths, context, anchors, valid, weights)
+        return block_loss(
+            draft, tokens, lengths, context, anchors, valid, weights, args.selector_loss_weight
+        )
 
     value_and_grad = nn.value_and_grad(draft, loss_fn)
     state = [draft.state, opt.state]
@@ -730,20 +995,26 @@ def train(args: argparse.Namespace) -> dict:
 
     feature_cache: dict[int, mx.array] = {}
 
-    def features(tokens: mx.array, order: np.ndarray) -> mx.array:
+    def features(tokens: mx.array, order: np.ndarray, lengths: np.ndarray) -> mx.array:
+        T = tokens.shape[1]
         if args.cache_features and all(int(i) in feature_cache for i in order):
-            return mx.stack([feature_cache[int(i)] for i in order])
+            # Kept at each sequence's own length (batches pad to their own width): padded
+            # positions are never visible to a block (it sees context before its anchor).
+            rows = [feature_cache[int(i)] for i in order]
+            return mx.stack([mx.pad(r, [(0, T - r.shape[0]), (0, 0)]) for r in rows])
         with tap_hidden_states(model, layer_ids) as tap:
             model(tokens)
             feats = mx.stop_gradient(tap.features())
         if args.cache_features:
             for row, i in enumerate(order):
-                feature_cache[int(i)] = feats[row]
+                feature_cache[int(i)] = feats[row, : int(lengths[row])]
         return feats
 
     n = len(seqs)
     bs = min(args.batch_size, n)
+    seq_lengths = np.array([len(ids) for ids, _ in seqs])
     steps_per_epoch = max(1, n // bs)
+    batches: dict[int, list[np.ndarray]] = {}
     pad_id = config.mask_token_id
     progress = Progress(args.steps, "train", initial=start_step, enabled=not args.no_progress)
     tic = time.perf_counter()
@@ -751,20 +1022,21 @@ def train(args: argparse.Namespace) -> dict:
     # Step losses are noisy: report an exponential moving average, bias-corrected so that
     # early values are not dragged towards the first steps' (or zero's) level.
     loss_avg, acc_avg = MovingAverage(0.95), MovingAverage(0.95)
-    avg = avg_acc = lv = math.nan
+    avg = avg_acc = lv = first_loss = math.nan
     log: list[dict] = info.get("log", [])
     for step in range(start_step, args.steps):
         # Order and anchors are a function of (seed, step): a resumed run continues the
         # very same sequence of batches.
         epoch, pos = divmod(step, steps_per_epoch)
-        perm = np.random.default_rng([args.seed, epoch]).permutation(n)
-        order = perm[pos * bs : (pos + 1) * bs]
+        if epoch not in batches:
+            batches = {epoch: epoch_batches(seq_lengths, bs, args.seed, epoch)}
+        order = batches[epoch][pos]
         rng = np.random.default_rng([args.seed, epoch, pos, 1])
         tokens, lengths, anchors, valid = sample_batch(
             seqs, order, rng, bs, args.seq_len, args.blocks_per_seq, pad_id
         )
         tokens = mx.array(tokens)
-        context = features(tokens, order)
+        context = features(tokens, order, lengths)
         loss, _, acc_len = step_fn(
             tokens, mx.array(lengths), context, mx.array(anchors), mx.array(valid)
         )
@@ -773,6 +1045,8 @@ def train(args: argparse.Namespace) -> dict:
         lv, av = loss.item(), acc_len.item()
         if not math.isfinite(lv):
             raise RuntimeError(f"loss is {lv} at step {step + 1}")
+        if step == start_step:
+            first_loss = lv
         avg, avg_acc = loss_avg.update(lv), acc_avg.update(av)
         el = time.perf_counter() - tic
         tps = seen / el
@@ -816,15 +1090,18 @@ def train(args: argparse.Namespace) -> dict:
         "data_seconds": t_data,
         "train_seconds": train_seconds,
         "final_loss": avg,  # bias-corrected moving average over the last ~20 steps
+        "first_step_loss": first_loss,  # of this run (after --resume: its first step)
         "last_step_loss": lv,
         "block_accepted_train": avg_acc,
         "log": log,
         "args": vars(args),
     }
-    if args.eval_data:
+    t_eval = time.perf_counter()
+    if args.eval_data or long_records:
         from .loading import load_draft
 
         trained = load_draft(out)
+    if args.eval_data:
         ev = evaluate_tau(model, trained, tokenizer, eval_records, args.eval_max_tokens, B)
         result["eval"] = ev
         pp = " ".join(f"{x:.2f}" for x in ev["per_position_acceptance"])
@@ -833,7 +1110,27 @@ def train(args: argparse.Namespace) -> dict:
             f"({ev['cycles']} cycles); acceptance by position: {pp}",
             flush=True,
         )
+    if long_records:
+        result["eval_long"] = {}
+        for n_ctx in parse_contexts(args.eval_contexts):
+            ev = evaluate_tau(
+                model, trained, tokenizer, long_records, args.eval_max_tokens, B, context=n_ctx
+            )
+            result["eval_long"][str(n_ctx)] = ev
+            short = ev["prompt_tokens"]["min"] < n_ctx
+            print(
+                f"[eval] context {n_ctx}: tau {ev['tau']:.3f} over {ev['prompts']} held-out "
+                f"texts ({ev['cycles']} cycles, {ev['seconds']:.0f}s)"
+                + (f"; shortest text only {ev['prompt_tokens']['min']} tokens" if short else ""),
+                flush=True,
+            )
+    result["eval_seconds"] = time.perf_counter() - t_eval
     result["total_seconds"] = time.perf_counter() - t_start
+    print(
+        f"[time] data {t_data:.0f}s, train {train_seconds:.0f}s, "
+        f"eval {result['eval_seconds']:.0f}s, total {result['total_seconds']:.0f}s",
+        flush=True,
+    )
     (out / "train_result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

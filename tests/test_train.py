@@ -268,3 +268,96 @@ def test_dropped_and_truncated_records_are_reported(capsys):
     out = capsys.readouterr().out
     assert "[data] dropped 1 of 3 records: fewer than 2 response tokens" in out
     assert "[data] 1 of 3 records cut to --seq-len 32 tokens" in out
+
+
+def test_epoch_batches_bucket_by_length_and_cover_every_sequence_once():
+    from dflash_mlx.train import BUCKET_BATCHES, epoch_batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(100, 5000, 1000)
+    batches = epoch_batches(lengths, 8, seed=3, epoch=1)
+    assert len(batches) == 1000 // 8 and all(len(b) == 8 for b in batches)
+    seen = np.concatenate(batches)
+    assert len(set(seen.tolist())) == len(seen)  # each sequence at most once per epoch
+    # A batch holds sequences of similar length: far less spread than random batches.
+    spread = np.mean([lengths[b].max() - lengths[b].min() for b in batches])
+    random_spread = np.mean(
+        [np.ptp(lengths[rng.choice(1000, 8, replace=False)]) for _ in range(len(batches))]
+    )
+    assert spread < random_spread / 4, (spread, random_spread)
+    # Deterministic in (seed, epoch), another order for another epoch.
+    again = epoch_batches(lengths, 8, seed=3, epoch=1)
+    assert all((a == b).all() for a, b in zip(batches, again))
+    other = epoch_batches(lengths, 8, seed=3, epoch=2)
+    assert any((a != b).any() for a, b in zip(batches, other))
+    assert BUCKET_BATCHES > 1
+
+
+def test_sample_batch_pads_to_the_batch_not_to_seq_len():
+    from dflash_mlx.train import PAD_MULTIPLE, sample_batch
+
+    seqs = [(list(range(2, 2 + n)), n - 40) for n in (300, 700, 650)]
+    rng = np.random.default_rng(0)
+    tokens, lengths, anchors, _ = sample_batch(seqs, np.array([1, 2]), rng, 2, 4608, 8, 1)
+    assert tokens.shape == (2, 2 * PAD_MULTIPLE) and lengths.tolist() == [700, 650]
+    assert (tokens[1, 650:] == 1).all()  # padding
+    for row, (ids, start) in enumerate([seqs[1], seqs[2]]):  # anchors in the response
+        assert (anchors[row] >= start).all() and (anchors[row] < len(ids) - 1).all()
+    tokens, *_ = sample_batch(seqs, np.array([0, 0]), rng, 2, 4608, 8, 1)
+    assert tokens.shape == (2, PAD_MULTIPLE)
+    # Never wider than --seq-len (which no sequence exceeds).
+    tokens, *_ = sample_batch([(list(range(590)), 500)], np.array([0]), rng, 1, 600, 8, 1)
+    assert tokens.shape == (1, 600)
+
+
+def test_long_prompts_lose_their_oldest_tokens_first(capsys):
+    from dflash_mlx import demo, load
+    from dflash_mlx.train import build_sequences
+
+    model, tokenizer = load(str(demo.TARGET))
+    long_prompt = "x = 1\n" * 200  # 600 tokens or so
+    records = [{"prompt": long_prompt, "response": "y = 2\n" * 10}]
+    (ids, start), = build_sequences(
+        model, tokenizer, records, max_new_tokens=4, temp=0.0, batch_size=1, seq_len=128,
+        cache_file=None, seed=0,
+    )  # fmt: skip
+    response = tokenizer.encode("y = 2\n" * 10, add_special_tokens=False)
+    assert len(ids) == 128 and ids[start:] == response  # the response whole
+    assert ids[:start] == tokenizer.encode(long_prompt)[-start:]  # the prompt's end
+    assert "1 of 1 records cut to --seq-len 128 tokens" in capsys.readouterr().out
+
+
+def test_demo_prompt_files_long_windows(tmp_path):
+    """train_target.py's long prompts: whole lines, lengths in the range asked for in
+    tokens; long eval texts at least the length asked for, and apart when they fit."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import random
+
+    from train_target import EOS, LineStream, build_tokenizer, eval_long_prompts, long_prompts
+
+    rng = random.Random(0)
+    files = [
+        "".join(f"def f{i}_{j}(x):\n    return x * {rng.randint(0, 999)}\n" for j in range(60))
+        for i in range(12)
+    ]
+    tok = build_tokenizer(files, 300)
+    stream = LineStream(files, tok)
+    prompts = long_prompts(stream, 40, 50, 400, random.Random(1))
+    for p in prompts:
+        n = len(tok.encode(p).ids)
+        assert 45 <= n <= 420, n  # within a line of the length drawn
+        assert p.endswith("\n") and p in stream.text  # whole lines of the stream
+        at = stream.text.index(p)
+        assert at == 0 or stream.text[at - 1] == "\n" or stream.text[at - len(EOS) : at] == EOS
+    # Files long enough: one text each, a file's first lines.
+    size = min(len(tok.encode(f).ids) for f in files)
+    windows = eval_long_prompts(files, 3, size - 20, tok)
+    assert len(windows) == 3
+    for w in windows:
+        assert len(tok.encode(w).ids) >= size - 20 and EOS not in w
+        assert any(f.startswith(w) for f in files)
+    # Longer than any file: windows of the joined split, apart where it has room.
+    windows = eval_long_prompts(files, 3, 2 * size, tok)
+    assert all(len(tok.encode(w).ids) >= 2 * size for w in windows)
+    starts = sorted(stream.text.index(w) for w in windows)
+    assert all(b - a >= len(w) for a, b, w in zip(starts, starts[1:], windows))
