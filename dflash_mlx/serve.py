@@ -12,8 +12,15 @@ which the next turn extends. Added around it: checks that answer a bad request w
 4xx in OpenAI's error shape before it queues, a bounded queue (503 when full),
 dropping requests whose client hung up, and tau in the usage.
 
+Under `mlx.launch` (several processes) the target is sharded as mlx_lm.server shards
+it: tensor parallel, or pipeline parallel with `--pipeline` (`distributed.load`).
+Rank 0 alone serves HTTP; every rank runs the generation thread, and rank 0 shares
+each request with the others (`broadcast`), then a stop flag at the end of every
+cycle, so all of them run the same generation and stop at the same token.
+
     dflash-mlx serve                      # the demo pair on 127.0.0.1:8080
     dflash-mlx serve --model Qwen/Qwen3-8B --draft-model z-lab/Qwen3-8B-DFlash-b16
+    mlx.launch --hostfile hosts.json -- dflash-mlx serve --model M --draft-model D [--pipeline]
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import copy
 import io
 import json
 import logging
+import os
+import pickle
 import select
 import signal
 import socket
@@ -37,7 +46,8 @@ from queue import Empty as QueueEmpty
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
+import numpy as np
+from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, generation_stream
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.server import (
     APIHandler,
@@ -53,7 +63,7 @@ from mlx_lm.server import (
 )
 from mlx_lm.utils import _parse_size
 
-from . import demo
+from . import demo, distributed
 from .generate import block_size_argument, check_pair, stream_generate
 from .loading import load_draft
 from .session import make_prompt_cache
@@ -101,6 +111,15 @@ class DFlashRequest(CompletionRequest):
     stats: DFlashStats = field(default_factory=DFlashStats)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
+    # Pickled to share it with the other processes of a sharded target: the hang-up
+    # event belongs to rank 0's handler (the others learn of it through the stop flag).
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "cancelled"}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)
+        self.cancelled = threading.Event()
+
 
 def _cache_length(cache: list[Any]) -> int | None:
     """Tokens held by a DFlash prompt cache, or None when its parts disagree (then it
@@ -139,16 +158,70 @@ def _hung_up(sock: socket.socket) -> bool:
         return True
 
 
+def broadcast(obj: Any, group: mx.distributed.Group) -> Any:
+    """Rank 0's `obj` (picklable, or None) on every process of `group`: its size, then
+    its bytes, each an all_sum to which the other processes add zeros. Every process
+    calls it at the same point; on generation_stream, so that it queues behind any
+    collective a generation left there (one stream: one order on every process)."""
+    if group.size() == 1:
+        return obj
+    first = group.rank() == 0
+    data = pickle.dumps(obj) if first and obj is not None else b""
+    with mx.stream(generation_stream):
+        size = mx.distributed.all_sum(mx.array(len(data)), group=group).item()
+        if size == 0:
+            return None
+        mine = mx.array(data) if first else mx.zeros((size,), mx.uint8)
+        shared = mx.distributed.all_sum(mine, group=group)
+        mx.eval(shared)
+    return obj if first else pickle.loads(np.array(shared).tobytes())
+
+
+def any_rank(flag: bool, group: mx.distributed.Group) -> bool:
+    """Whether `flag` holds on any process (every process calls it at the same point)."""
+    if group.size() == 1:
+        return flag
+    with mx.stream(generation_stream):
+        return mx.distributed.all_sum(mx.array(int(flag)), group=group).item() > 0
+
+
+class SharedPromptCache(LRUPromptCache):
+    """The prompt cache of one process of a sharded target. Every process keeps its own
+    (its shard of each cache) and makes the same inserts and fetches in the same order,
+    so the caches stay alike as long as evictions do too: by count they do; the byte
+    limit is per process (each holds a different share), so an entry is evicted on every
+    process while any one is over it."""
+
+    def __init__(self, max_size: int, max_bytes: int, group: mx.distributed.Group):
+        super().__init__(max_size=max_size)
+        self.byte_limit, self.group = max_bytes, group
+
+    def insert_cache(self, *args: Any, **kwargs: Any) -> None:
+        super().insert_cache(*args, **kwargs)
+        while len(self) and any_rank(self.nbytes > self.byte_limit, self.group):
+            self.trim_to(n_sequences=len(self) - 1)  # the least recently used, everywhere
+
+
+class _Discard:
+    """The response queue of a request on a process other than rank 0: nobody reads it."""
+
+    def put(self, item: Any) -> None:
+        pass
+
+
 class DFlashModelProvider(ModelProvider):
     """Loads the target as mlx_lm's server does (adapters, chat template, tokenizer
     config) and the DFlash draft with `load_draft`. One pair is served: every request
-    gets it (the handler has already refused other model names)."""
+    gets it (the handler has already refused other model names). With several
+    processes, this one's shard of the target (`distributed.load`)."""
 
     def __init__(self, cli_args: argparse.Namespace):
         super().__init__(cli_args)
         self.ready = threading.Event()
         self.context_limit: int | None = None
         self.load_error: Exception | None = None
+        self.group = mx.distributed.init()
+        self.reuse_prompt_cache = True
 
     def _load(self, model_path, adapter_path=None, draft_model_path=None):
         try:
@@ -158,10 +231,20 @@ class DFlashModelProvider(ModelProvider):
             raise
 
     def _load_pair(self, model_path, adapter_path, draft_model_path):
-        super()._load(model_path, adapter_path, None)  # mlx_lm's draft would be autoregressive
+        if self.is_distributed:
+            self._load_shard(model_path)
+        else:
+            super()._load(model_path, adapter_path, None)  # mlx_lm's draft: autoregressive
         draft = load_draft(draft_model_path)
         check_pair(self.model, draft)  # a mismatched pair fails at startup, not per request
         draft.bind(self.model)
+        if self.is_distributed:
+            self._check_prompt_cache(draft)
+            if self.cli_args.block_size == "auto":
+                logger.info(
+                    f"block size {draft.block_size} (the draft's): the auto policy times "
+                    "each process's cycles, so the processes would choose different widths"
+                )
         self.draft_model = draft
         self.model_key = (model_path, adapter_path, draft_model_path)
         self.is_batchable = False  # one DFlash sequence at a time
@@ -170,12 +253,43 @@ class DFlashModelProvider(ModelProvider):
         self.context_limit = int(limit) if limit else None
         self.ready.set()
 
+    def _load_shard(self, model_path: str) -> None:
+        """This process's shard of the target; every process loads at the same time
+        (the generation threads start together), and an error is the same on each."""
+        model, tokenizer = distributed.load(
+            model_path,
+            pipeline=self.cli_args.pipeline,
+            tokenizer_config=self._tokenizer_config,
+            trust_remote_code=self.cli_args.trust_remote_code,
+        )
+        if self.cli_args.use_default_chat_template and tokenizer.chat_template is None:
+            tokenizer.chat_template = tokenizer.default_chat_template
+        self.model, self.tokenizer, self.processor = model, tokenizer, None
+
+    def _check_prompt_cache(self, draft: Any) -> None:
+        """Reuse prompt caches only where every process decides alike. Whether a cache
+        trims decides what is fetched and kept; a process of a pipelined hybrid target
+        that runs none of its recurrent layers holds trimmable stand-ins for all of
+        them (distributed.Positions), so it would decide otherwise than the others."""
+        trimmable = can_trim_prompt_cache(make_prompt_cache(self.model, draft))
+        some, others = any_rank(trimmable, self.group), any_rank(not trimmable, self.group)
+        if not (some and others):
+            return
+        self.reuse_prompt_cache = False
+        logger.info(
+            "prompt caches off: the processes' caches of this split differ in whether "
+            "they can be trimmed, so they would not reuse the same ones"
+        )
+
     def load(self, model_path, adapter_path=None, draft_model_path=None):
         return super().load("default_model", None, "default_model")
 
 
 class DFlashResponseGenerator(ResponseGenerator):
-    """mlx_lm's generation thread and queue, serving every request with DFlash."""
+    """mlx_lm's generation thread and queue, serving every request with DFlash.
+
+    With several processes every one runs this thread; rank 0's queue feeds them all
+    (`_next_request`), and only rank 0's responses go anywhere."""
 
     def __init__(
         self, model_provider: DFlashModelProvider, prompt_cache: LRUPromptCache, queue_size: int
@@ -183,15 +297,59 @@ class DFlashResponseGenerator(ResponseGenerator):
         # Set before the base class starts the generation thread.
         self.slots = threading.BoundedSemaphore(queue_size)
         self.tokenizer_lock = threading.Lock()
+        self.group = model_provider.group
+        self.sharded = self.group.size() > 1
+        self.serving = self.group.rank() == 0  # the process whose responses are sent
+        self._stopping = False  # rank 0 of a sharded target: stop, once the others know
         super().__init__(model_provider, prompt_cache)
 
     def _run_generate(self):
         try:
-            super()._run_generate()
+            self._generate()
+        except Exception as e:
+            if e is not self.model_provider.load_error:  # make_server reports that one
+                logger.exception("the generation thread died")
+            self._generation_failed = True
         finally:
             # MLX wants a thread's streams destroyed by that thread before it ends;
             # otherwise the process aborts at exit now and then ("terminate called").
             mx.clear_streams()
+
+    def stop_and_join(self) -> None:
+        """Stop generating and wait for the thread. With several processes, rank 0
+        stops them all; the others wait for that."""
+        if not self.sharded:
+            return super().stop_and_join()
+        if self.serving:
+            self._stopping = True  # _next_request tells the others, then stops
+        self.join()
+
+    def _next_request(self, timeout=None):
+        if not self.sharded:
+            return super()._next_request(timeout)
+        request, message = None, None
+        if self.serving:  # rank 0: what comes next, for every process
+            if self._stopping:
+                message = ("stop",)
+            else:
+                request = self._take(timeout)
+                message = None if request is None else ("request", *request[1:])
+        message = broadcast(message, self.group)
+        if message is None:
+            return None
+        if message[0] == "stop":
+            self._stop = True
+            return None
+        return request if self.serving else (_Discard(), *message[1:])
+
+    def _take(self, timeout: float | None) -> tuple | None:
+        """The next queued request whose client is still there (rank 0)."""
+        try:
+            request = self.requests.get(timeout=timeout) if timeout else self.requests.get_nowait()
+        except QueueEmpty:
+            return None
+        # Dropped here, before the other processes hear of it: the decision is shared.
+        return None if request[1].cancelled.is_set() else request
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until the pair is loaded; ServeError(503) if loading failed or timed out."""
@@ -243,7 +401,9 @@ class DFlashResponseGenerator(ResponseGenerator):
     def _fetch_cache(self, prompt: list[int], keep: int) -> tuple[list[Any], list[int]]:
         """The nearest cached prefix, leaving at least `keep` prompt tokens to run."""
         provider = self.model_provider
-        cache, rest = self.prompt_cache.fetch_nearest_cache(provider.model_key, prompt)
+        cache, rest = None, prompt
+        if provider.reuse_prompt_cache:
+            cache, rest = self.prompt_cache.fetch_nearest_cache(provider.model_key, prompt)
         keep = min(keep, len(prompt))
         if cache is not None and len(rest) < keep:
             if can_trim_prompt_cache(cache):
@@ -256,6 +416,8 @@ class DFlashResponseGenerator(ResponseGenerator):
         return cache, rest
 
     def _store_cache(self, tokens: list[int], cache: list[Any], cache_type: str) -> None:
+        if not self.model_provider.reuse_prompt_cache:
+            return
         n = _cache_length(cache)
         if n is not None and n > len(tokens) and can_trim_prompt_cache(cache):
             # Stopped inside a cycle: drop the accepted tokens nobody saw.
@@ -270,7 +432,7 @@ class DFlashResponseGenerator(ResponseGenerator):
 
     def _serve_single(self, request, stream):
         rqueue, request, args = request
-        if request.cancelled.is_set():
+        if request.cancelled.is_set() and not self.sharded:  # sharded: see _take
             return  # its client hung up while it was queued
         try:
             self._serve_dflash(rqueue, request, args)
@@ -339,7 +501,9 @@ class DFlashResponseGenerator(ResponseGenerator):
         tokens = list(prompt)
         n = 0
         stop_matcher = stop_sequences.matcher()
-        responses = stream_generate(model, draft, tokenizer, rest, args.max_tokens, **kwargs)
+        generate = distributed.stream_generate if self.sharded else stream_generate
+        responses = generate(model, draft, tokenizer, rest, args.max_tokens, **kwargs)
+        failure = None  # an error making a response: it ends the generation as a stop does
         try:
             for gen in responses:
                 n += 1
@@ -348,19 +512,25 @@ class DFlashResponseGenerator(ResponseGenerator):
                     finish_reason = "stop"
                 stats.acceptance_length = gen.acceptance_length
                 stats.cycles = gen.cycles
-                rqueue.put(
-                    Response(
-                        gen.text,
-                        gen.token,
-                        gen.logprobs[gen.token].item(),
-                        finish_reason,
-                        _format_top_logprobs(gen.logprobs, args.top_logprobs, tokenizer),
-                    )
-                )
+                if self.serving and failure is None:  # only rank 0's responses go out
+                    try:
+                        logprobs = gen.logprobs
+                        top = _format_top_logprobs(logprobs, args.top_logprobs, tokenizer)
+                        logprob = logprobs[gen.token].item()
+                        rqueue.put(Response(gen.text, gen.token, logprob, finish_reason, top))
+                    except Exception as e:  # noqa: BLE001 (the handler raises it)
+                        failure = e
                 tokens.append(gen.token)
-                if finish_reason is not None:
+                if finish_reason is not None:  # the same token on every process
                     break
-                if ctx._should_stop or self._stop or request.cancelled.is_set():
+                stop = failure is not None or ctx._should_stop or self._stop
+                stop = stop or request.cancelled.is_set()
+                if self.sharded:
+                    if gen.from_draft:
+                        continue  # inside a cycle (computed already): decide at its end
+                    # Rank 0's hang-up or shutdown, on every process after the same cycle.
+                    stop = any_rank(self.serving and (stop or self._stopping), self.group)
+                if stop:
                     break
         finally:
             responses.close()  # the cache is final once the generator has closed
@@ -370,7 +540,7 @@ class DFlashResponseGenerator(ResponseGenerator):
             f"{len(rest)} prefilled), generated {n} tokens in {elapsed:.2f} s, "
             f"tau {stats.acceptance_length:.2f} over {stats.cycles} cycles"
         )
-        rqueue.put(None)
+        rqueue.put(failure)  # None: the end of the response
 
         if snapshot:
             self._store_cache(prompt[:-1], snapshot[0], "user")
@@ -639,9 +809,10 @@ class DFlashHTTPServer(ThreadingHTTPServer):
 
 @dataclass
 class Server:
-    """A running server: `url`, `close()`. `make_server` binds it, `start` serves."""
+    """A running server: `url`, `close()`. `make_server` binds it, `start` serves.
+    On a sharded target's other processes `httpd` is None: they follow rank 0."""
 
-    httpd: DFlashHTTPServer
+    httpd: DFlashHTTPServer | None
     generator: DFlashResponseGenerator
     thread: threading.Thread | None = None
 
@@ -657,11 +828,35 @@ class Server:
         return self
 
     def close(self) -> None:
+        """Stop serving and generating (elsewhere than rank 0: wait until rank 0 does)."""
         if self.thread is not None:
             self.httpd.shutdown()
             self.thread.join(timeout=10)
-        self.httpd.server_close()
+        if self.httpd is not None:
+            self.httpd.server_close()
         self.generator.stop_and_join()
+
+    def follow(self) -> int:
+        """A process other than rank 0: generate for rank 0's requests until rank 0
+        stops. A signal here (Ctrl-C reaches every local process) waits for that, as
+        leaving would strand rank 0 in a collective; a second one exits at once."""
+        signals = []
+
+        def on_signal(signum, frame):
+            if signals:
+                os._exit(128 + signum)
+            signals.append(signum)
+            logger.info("stopping when rank 0 stops (signal again to exit now)")
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        while self.generator.generation_available():
+            time.sleep(0.2)
+        mx.clear_streams()
+        if self.generator._generation_failed:
+            print("error: generation failed on this process; see the log", file=sys.stderr)
+            return 1
+        return 0
 
 
 def model_ids(args: argparse.Namespace) -> list[str]:
@@ -673,31 +868,57 @@ def model_ids(args: argparse.Namespace) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def make_server(args: argparse.Namespace, load_timeout: float | None = None) -> Server:
-    """Load the pair (in mlx_lm's generation thread, as its server does) and bind."""
-    provider = DFlashModelProvider(args)
-    max_bytes = args.prompt_cache_bytes if args.prompt_cache_bytes is not None else 1 << 63
-    lru = LRUPromptCache(max_size=args.prompt_cache_size, max_bytes=max_bytes)
-    generator = DFlashResponseGenerator(provider, lru, args.queue_size)
-    try:
-        generator.wait_ready(load_timeout)
-    except ServeError:
-        generator.stop_and_join()
-        raise ValueError(
-            f"could not load {args.model} with draft {args.draft_model}: {provider.load_error}"
-        ) from None
-
+def _bind(args: argparse.Namespace) -> DFlashHTTPServer:
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
 
     class Bound(DFlashHTTPServer):
         address_family = family
 
-    fingerprint = get_system_fingerprint()
-    httpd = Bound(
-        (args.host, args.port),
-        lambda *a, **k: DFlashAPIHandler(generator, *a, system_fingerprint=fingerprint, **k),
-    )
-    httpd.model_ids = tuple(model_ids(args))
+    try:  # the handler is set once the generator exists
+        return Bound((args.host, args.port), DFlashAPIHandler)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+
+
+def make_server(args: argparse.Namespace, load_timeout: float | None = None) -> Server:
+    """Bind (rank 0), then load the pair (in mlx_lm's generation thread, as its server
+    does). Binding first fails fast; with several processes rank 0's result is shared
+    before any process loads, so a taken port stops every one of them."""
+    group = mx.distributed.init()
+    httpd, error = None, None
+    if group.rank() == 0:
+        try:
+            httpd = _bind(args)
+        except ValueError as e:
+            error = str(e)
+    if group.size() > 1:
+        error = broadcast(error, group)  # the only collective outside the generation thread
+    if error is not None:
+        raise ValueError(error)
+
+    provider = DFlashModelProvider(args)
+    if group.size() > 1 and args.prompt_cache_bytes is not None:
+        lru = SharedPromptCache(args.prompt_cache_size, args.prompt_cache_bytes, group)
+    else:
+        max_bytes = args.prompt_cache_bytes if args.prompt_cache_bytes is not None else 1 << 63
+        lru = LRUPromptCache(max_size=args.prompt_cache_size, max_bytes=max_bytes)
+    generator = DFlashResponseGenerator(provider, lru, args.queue_size)
+    try:
+        generator.wait_ready(load_timeout)
+    except ServeError:
+        generator.stop_and_join()
+        if httpd is not None:
+            httpd.server_close()
+        raise ValueError(
+            f"could not load {args.model} with draft {args.draft_model}: {provider.load_error}"
+        ) from None
+
+    if httpd is not None:
+        fingerprint = get_system_fingerprint()
+        httpd.RequestHandlerClass = lambda *a, **k: DFlashAPIHandler(
+            generator, *a, system_fingerprint=fingerprint, **k
+        )
+        httpd.model_ids = tuple(model_ids(args))
     return Server(httpd, generator)
 
 
@@ -727,7 +948,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     add("--max-tokens", type=int, default=512, help="default maximum tokens per response")
     add("--prefill-step-size", type=int, default=2048)
     add("--prompt-cache-size", type=int, default=10, help="most prompt caches kept")
-    add("--prompt-cache-bytes", type=_parse_size, help="most bytes of prompt caches kept")
+    add(
+        "--prompt-cache-bytes",
+        type=_parse_size,
+        help="most bytes of prompt caches kept (on each process of a sharded target)",
+    )
     add("--kv-bits", type=int, default=None, help="quantize the target KV cache to this many bits")
     add("--kv-group-size", type=int, default=64)
     add("--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START)
@@ -740,8 +965,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     add("--draft-window", type=int, default=None, help="draft attends to at most this context")
     add("--max-context", type=int, default=None, help="context limit (default: the target's)")
     add("--queue-size", type=int, default=64, help="requests accepted at once; more get 503")
+    add(
+        "--pipeline",
+        action="store_true",
+        help="under mlx.launch: split the target's layers over the processes (pipeline "
+        "parallelism) instead of sharding every layer (tensor parallelism)",
+    )
     # Read by mlx_lm's handler and model provider; fixed for DFlash.
-    parser.set_defaults(pipeline=False, num_draft_tokens=3, model_given=False)
+    parser.set_defaults(num_draft_tokens=3, model_given=False)
     return parser
 
 
@@ -765,6 +996,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--queue-size must be positive, got {args.queue_size}")
     if args.prompt_cache_size < 0:
         raise ValueError(f"--prompt-cache-size must be >= 0, got {args.prompt_cache_size}")
+    if mx.distributed.init().size() > 1 and args.adapter_path is not None:
+        raise ValueError("--adapter-path does not work with a sharded target")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -786,10 +1019,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    group = mx.distributed.init()
+    if server.httpd is None:
+        logger.info(f"process {group.rank()} of {group.size()}: generating for rank 0's server")
+        return server.follow()
     logger.info(f"DFlash server for {args.model} + {args.draft_model} at {server.url}")
     # SIGTERM (service managers, `kill`) shuts down as Ctrl-C does: the generation
     # thread is stopped and joined rather than torn down under MLX.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if group.size() > 1:
+        return _serve_sharded(server)
     try:
         server.httpd.serve_forever()
     except KeyboardInterrupt:
@@ -799,6 +1038,26 @@ def main(argv: list[str] | None = None) -> int:
         server.generator.stop_and_join()
         mx.clear_streams()
     return 0
+
+
+def _serve_sharded(server: Server) -> int:
+    """Rank 0 of a sharded target: serve until a signal, then stop every process. If
+    this generation thread dies the others cannot go on without it: exit, non-zero."""
+    server.start()
+    failed = False
+    try:
+        # Not Thread.join: Python 3.11 takes a thread whose join a signal interrupted
+        # for finished, and would exit under it.
+        while server.generator.generation_available():
+            time.sleep(0.2)
+        failed = True
+        print("error: generation failed; see the log", file=sys.stderr)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+        mx.clear_streams()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

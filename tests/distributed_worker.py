@@ -10,7 +10,9 @@ A job: {"name", "target", "draft", "mode", "prompt": [ids], "max_tokens",
 [reference ids] or null}; mode "mlx_lm-pipeline" loads with mlx_lm's own pipeline split.
 With "oracle", rank 0 drafts the reference (wrong at a different block position every
 cycle, so every accept length and rollback depth occurs); the reference is mlx_lm's own
-greedy output.
+greedy output. A job {"name", "kind": "prompt_cache", "sizes": [[bytes per entry] per
+rank], "max_bytes"} inserts entries of those sizes into `serve.SharedPromptCache` and
+returns which of them it kept ("kept").
 """
 
 import json
@@ -44,7 +46,30 @@ class OracleDraft(DraftModel):
         return mx.eye(self.config.vocab_size)[proposal] * 30.0
 
 
+class Sized:
+    """A stand-in prompt-cache entry part of a given size (what LRUPromptCache reads)."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+
+    def is_trimmable(self) -> bool:
+        return False
+
+
+def prompt_cache_job(job: dict) -> dict:
+    from dflash_mlx.serve import SharedPromptCache
+
+    group = distributed.world()
+    lru = SharedPromptCache(10, job["max_bytes"], group)
+    sizes = job["sizes"][group.rank()]
+    for i, size in enumerate(sizes):
+        lru.insert_cache("m", [i], [Sized(size)])
+    return {"kept": [lru.fetch_nearest_cache("m", [i])[0] is not None for i in range(len(sizes))]}
+
+
 def run(job: dict) -> dict:
+    if job.get("kind") == "prompt_cache":
+        return prompt_cache_job(job)
     tic = time.perf_counter()
     if job["mode"] == "mlx_lm-pipeline":  # mlx_lm's own pipeline split
         from mlx_lm.utils import sharded_load

@@ -4,12 +4,16 @@ pipeline parallel). Every rank must emit exactly mlx_lm's own unsharded greedy t
 
 Each launch runs several jobs in the same processes (tests/distributed_worker.py), so the
 seconds of starting MLX are paid once per launch. Every launch has a deadline, and its
-processes are killed (their process group) whatever happens.
+processes are killed (their process group) whatever happens. The serve tests start
+`dflash-mlx serve` as 2 ranks and talk HTTP to rank 0.
 """
 
+import errno
+import http.client
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -104,6 +108,14 @@ def _free_ports(n: int, consecutive: bool = False) -> list[int]:
     raise RuntimeError("no free ports")
 
 
+def _kill(procs: list[subprocess.Popen]) -> None:
+    """Kill the process group of each process still running."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
 def _wait(procs: list[subprocess.Popen], deadline: float) -> None:
     """Wait for all, then kill the process group of any still running (finally)."""
     try:
@@ -112,37 +124,44 @@ def _wait(procs: list[subprocess.Popen], deadline: float) -> None:
     except subprocess.TimeoutExpired:
         pytest.fail(f"distributed run passed its {DEADLINE} s deadline")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        _kill(procs)
 
 
-def launch(command: list[str], n: int, tmp_path: Path) -> list[tuple[int, str, str]]:
-    """Run `command` as ranks 0..n-1 of a ring over loopback; (rc, stdout, stderr) each."""
+def _start(command: list[str], n: int, tmp_path: Path, procs: list, logs: list) -> None:
+    """Start `command` as ranks 0..n-1 of a ring over loopback, each in its own process
+    group, appending to procs and logs (the caller's, so its cleanup sees every one)."""
     hostfile = tmp_path / f"hosts{n}.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
-    deadline = time.monotonic() + DEADLINE
-    procs, logs = [], []
-    try:
-        for rank in range(n):
-            out = open(tmp_path / f"out{rank}.txt", "w+")  # noqa: SIM115 (closed below)
-            err = open(tmp_path / f"err{rank}.txt", "w+")  # noqa: SIM115
-            logs.append((out, err))
-            env = {**ENV, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
-            procs.append(
-                subprocess.Popen(
-                    command, env=env, cwd=tmp_path, stdout=out, stderr=err, start_new_session=True
-                )
+    for rank in range(n):
+        out = open(tmp_path / f"out{rank}.txt", "w+")  # noqa: SIM115 (closed by _results)
+        err = open(tmp_path / f"err{rank}.txt", "w+")  # noqa: SIM115
+        logs.append((out, err))
+        env = {**ENV, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
+        procs.append(
+            subprocess.Popen(
+                command, env=env, cwd=tmp_path, stdout=out, stderr=err, start_new_session=True
             )
-    finally:
-        _wait(procs, deadline)
+        )
+
+
+def _results(procs: list[subprocess.Popen], logs: list) -> list[tuple[int, str, str]]:
     results = []
     for p, (out, err) in zip(procs, logs):
         out.seek(0), err.seek(0)
         results.append((p.returncode, out.read(), err.read()))
         out.close(), err.close()
     return results
+
+
+def launch(command: list[str], n: int, tmp_path: Path) -> list[tuple[int, str, str]]:
+    """Run `command` as ranks 0..n-1 of a ring over loopback; (rc, stdout, stderr) each."""
+    deadline = time.monotonic() + DEADLINE
+    procs, logs = [], []
+    try:
+        _start(command, n, tmp_path, procs, logs)
+    finally:
+        _wait(procs, deadline)
+    return _results(procs, logs)
 
 
 def run_jobs(jobs: list[dict], n: int, tmp_path: Path) -> list[dict]:
@@ -223,9 +242,16 @@ def test_two_processes_tensor_and_pipeline(models, tmp_path, monkeypatch):
                 }
             )
 
+    # serve's prompt caches: each rank holds its own share of every entry (here rank 0's
+    # are the bigger ones), so with a byte limit only rank 0 is over it; both must
+    # still evict the same entries, or their next prefills would differ.
+    sizes = [[100, 100, 100], [10, 10, 10]]
+    jobs.append({"name": "lru", "kind": "prompt_cache", "sizes": sizes, "max_bytes": 250})
+
     results = run_jobs(jobs, 2, tmp_path)
 
     check_greedy(results, models, greedy)
+    assert [r["lru"]["kept"] for r in results] == [[False, True, True]] * 2
     for result in results:
         assert result["gemma3-tensor"] == {"error": UNSHARDABLE}
         error = result["qwen3_8-mlx_lm-pipeline"]["error"]
@@ -287,3 +313,110 @@ def test_cli_error_is_one_line_on_every_rank(models, tmp_path):
     for rc, out, err in ranks:
         assert (rc, out) == (1, "")
         assert err.splitlines() == [f"error: {UNSHARDABLE}"]
+
+
+# -- dflash-mlx serve over a sharded target ---------------------------------------------
+
+SERVE_PROMPT = "def generate(model, prompt"
+REQUEST_TIMEOUT = 30  # seconds for one HTTP request
+
+
+def _wait_for_port(log: Path, procs: list[subprocess.Popen], deadline: float) -> int:
+    """The port rank 0 listens on (it picked a free one: --port 0), once it serves."""
+    while not (
+        m := re.search(r"DFlash server for .* at http://127\.0\.0\.1:(\d+)", log.read_text())
+    ):
+        if any(p.poll() is not None for p in procs):
+            pytest.fail(f"a rank exited while starting:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    return int(m.group(1))
+
+
+def _completion(port: int, body: dict, *, hang_up: bool = False) -> dict | None:
+    """POST /v1/completions to rank 0; hang_up: read two streamed chunks, then leave."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
+    try:
+        conn.request(
+            "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"}
+        )
+        response = conn.getresponse()
+        try:
+            if not hang_up:
+                assert response.status == 200, response.read()
+                return json.loads(response.read())
+            chunks = 0
+            while chunks < 2 and (line := response.fp.readline()):
+                chunks += line.startswith(b"data:")
+            assert chunks == 2, "the stream ended early"
+            return None
+        finally:
+            response.close()  # the connection's socket stays open while this does not
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_serve_under_two_processes(models, tmp_path, mode):
+    """`dflash-mlx serve` with its target sharded over 2 processes: rank 0 answers with
+    mlx_lm's unsharded greedy text; a client that hangs up mid-stream stops the
+    generation on both ranks after the same token; the same request again reuses the
+    prompt cache on both; both exit 0 on Ctrl-C (SIGINT to every process: tensor) or
+    on SIGTERM to rank 0 alone (pipeline)."""
+    target, draft, _ = models["qwen3"]
+    model, tokenizer = mlx_lm_load(target)
+    expected = mlx_lm_generate(model, tokenizer, SERVE_PROMPT, max_tokens=24)
+    command = [sys.executable, "-m", "dflash_mlx", "serve", "--model", target]
+    command += ["--draft-model", draft, "--port", "0"]
+    command += ["--pipeline"] if mode == "pipeline" else []
+    body = {"model": "default_model", "prompt": SERVE_PROMPT, "max_tokens": 24, "temperature": 0}
+    deadline = time.monotonic() + DEADLINE
+    procs, logs = [], []
+    try:
+        _start(command, 2, tmp_path, procs, logs)
+        port = _wait_for_port(tmp_path / "err0.txt", procs, deadline)
+        first = _completion(port, body)
+        assert first["choices"][0]["text"] == expected
+        _completion(port, {**body, "max_tokens": 2000, "stream": True}, hang_up=True)
+        again = _completion(port, body)  # waits for the abandoned one: it must stop early
+        assert again["choices"][0]["text"] == expected
+        cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached == first["usage"]["prompt_tokens"] - 1
+        for p in procs if mode == "tensor" else procs[:1]:
+            p.send_signal(signal.SIGINT if mode == "tensor" else signal.SIGTERM)
+        _wait(procs, time.monotonic() + REQUEST_TIMEOUT)
+    finally:
+        _kill(procs)  # whatever still runs after a failure above
+    ranks = _results(procs, logs)
+    for rank, (rc, _, err) in enumerate(ranks):
+        assert rc == 0, f"rank {rank} exited {rc}:\n{err[-3000:]}"
+    generated = [re.findall(r"\((\d+) cached.*generated (\d+) tokens", e) for _, _, e in ranks]
+    assert generated[0] == generated[1]  # the same prompt caches and stops on both
+    (c1, n1), (_, n2), (c3, n3) = generated[0]
+    assert (c1, n1, n3, int(c3)) == ("0", "24", "24", cached)
+    assert int(n2) < 2000
+    if mode == "tensor":
+        assert "stopping when rank 0 stops" in ranks[1][2]
+
+
+def test_serve_errors_are_one_line_on_every_rank(models, tmp_path):
+    """A port rank 0 cannot listen on, a family that cannot be sharded this way: one
+    line, exit 1, on both ranks."""
+    target, draft, _ = models["gemma3"]
+    command = [sys.executable, "-m", "dflash_mlx", "serve", "--model", target]
+    command += ["--draft-model", draft]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        ranks = launch([*command, "--port", str(port)], 2, tmp_path)
+    for rc, out, err in ranks:
+        assert (rc, out) == (1, "")
+        in_use = os.strerror(errno.EADDRINUSE)
+        assert err.splitlines() == [f"error: cannot listen on 127.0.0.1:{port}: {in_use}"]
+    ranks = launch([*command, "--port", "0"], 2, tmp_path)
+    for rc, out, err in ranks:
+        assert (rc, out) == (1, "")
+        assert err.splitlines() == [
+            f"error: could not load {target} with draft {draft}: {UNSHARDABLE}"
+        ]
