@@ -38,7 +38,9 @@ def run_mlx_lm(model, tokenizer, prompt: list[int], n: int) -> dict:
 
 def run_dflash(model, draft, tokenizer, prompt: list[int], n: int, block_size) -> dict:
     tokens, widths, last = [], Counter(), None
-    for last in stream_generate(model, draft, tokenizer, prompt, max_tokens=n, block_size=block_size):
+    for last in stream_generate(
+        model, draft, tokenizer, prompt, max_tokens=n, block_size=block_size
+    ):
         tokens.append(last.token)
         widths[last.cycles] = last.block_size
     return {
@@ -121,14 +123,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_table(result: dict, fixed: str) -> str:
-    lines = [
+    head = (
         f"`{result['command']}` ({result['device']} {result['device_name']}, MLX "
-        f"{result['mlx']}, {result['max_tokens']} new tokens, greedy, median tok/s over prompts)",
-        "",
+        f"{result['mlx']}, {result['max_tokens']} new tokens, greedy, median tok/s over prompts)"
+    )
+    columns = (
         f"| context | mlx_lm tok/s | {fixed} tok/s (tau) | auto tok/s (tau) | auto / mlx_lm "
-        f"| auto / {fixed} | auto block sizes (cycles) | same tokens |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+        f"| auto / {fixed} | auto block sizes (cycles) | same tokens |"
+    )
+    lines = [head, "", columns, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         base, fx, auto = r["mlx_lm"], r[fixed], r["auto"]
         sizes = " ".join(f"{w}:{c}" for w, c in auto["block_sizes"].items())

@@ -42,11 +42,11 @@ from mlx import nn
 FORMAT = 1
 CANDIDATES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
 CONTEXT = 512  # positions in the caches while costs are measured
-WARMUP, TIMED = 2, 5  # cycles per width: discarded (first use compiles), then timed
+WARMUP, TIMED = 3, 5  # cycles per width: discarded (first use compiles), then timed
 GENERIC_PRIOR = 0.8  # a_i for a draft without a training result
-PRIOR_STRENGTH = 1.0  # how many cycles' worth of evidence the prior weighs
+PRIOR_STRENGTH = 8.0  # how many cycles' worth of evidence the prior weighs
 DECAY = 0.95  # per drafting cycle: older ones count less (acceptance moves with the text)
-PROBE_AFTER = 16  # plain steps before the first probe, at least
+PROBE_AFTER = 4  # plain steps before the first probe, at least
 PROBE_BUDGET = 0.02  # a probe's extra time, as a fraction of the plain steps before it
 
 
@@ -88,7 +88,9 @@ def expected_tokens(rates: list[float], width: int) -> float:
 
 @dataclass
 class Acceptance:
-    """Per-position acceptance rates a_1 … a_{B-1}: decayed counts plus a prior."""
+    """Per-position acceptance rates a_1 … a_{B-1}: decayed counts of accepted and
+    rejected drafts, starting from the prior as `strength` cycles' worth of counts
+    (which decay like the others, so the rates end up the text's own)."""
 
     prior: list[float]
     strength: float = PRIOR_STRENGTH
@@ -97,9 +99,8 @@ class Acceptance:
     rejected: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        n = len(self.prior)
-        self.accepted = self.accepted or [0.0] * n
-        self.rejected = self.rejected or [0.0] * n
+        self.accepted = self.accepted or [self.strength * p for p in self.prior]
+        self.rejected = self.rejected or [self.strength * (1 - p) for p in self.prior]
 
     def observe(self, width: int, accepted: int) -> None:
         """Positions 1 … accepted were accepted, position accepted + 1 (if drafted) not;
@@ -113,9 +114,9 @@ class Acceptance:
             self.rejected[accepted] += 1
 
     def rates(self) -> list[float]:
-        m = self.strength
+        tiny = 1e-12  # counts decayed to nothing: the prior again
         return [
-            (s + m * p) / (s + f + m)
+            (s + tiny * p) / (s + f + tiny)
             for s, f, p in zip(self.accepted, self.rejected, self.prior, strict=True)
         ]
 
@@ -182,10 +183,14 @@ class AutoPolicy:
         return self.best(self.widths[1:], self.prior)
 
     def probe_after(self) -> int:
-        """Plain steps before the next probe: a probe's extra cost stays under PROBE_BUDGET
-        of the steps' time, doubling with every probe that did not pay for itself."""
-        extra = self.seconds(self.probe_width()) / self.seconds(1) - 1
-        return max(PROBE_AFTER, math.ceil(extra / PROBE_BUDGET)) << min(self.failed_probes, 8)
+        """Plain steps before the next probe, doubling with every probe that did not pay
+        for itself. Where even the prior's rates say drafting does not pay (a CPU),
+        probes are rarer still: their extra time stays under PROBE_BUDGET of the steps'."""
+        after = PROBE_AFTER
+        if self.best(self.widths, self.prior) == 1:
+            extra = self.seconds(self.probe_width()) / self.seconds(1) - 1
+            after = max(after, math.ceil(extra / PROBE_BUDGET))
+        return after << min(self.failed_probes, 6)
 
     def choose(self) -> int:
         width = self.best(self.widths)
@@ -264,15 +269,18 @@ def measure_costs(
         if done == len(script):
             break
     cycles.close()
-    seconds, most = {}, 0.0
+    medians = {}
     for w in widths:
         times = sorted(policy.times.get(w, [])[WARMUP:])
         if times:
-            # A wider cycle does no less work: a cheaper reading than a narrower width's
-            # is noise (another process, a clock change), so take the larger one.
-            most = max(most, times[len(times) // 2])
-            seconds[w] = most
-    return Costs(seconds, context)
+            medians[w] = times[len(times) // 2]
+    # A narrower drafting cycle does no more work than a wider one: a dearer reading is
+    # noise, which only ever adds time (a first-use compile, another process).
+    seconds, least = {}, math.inf
+    for w in sorted(medians, reverse=True):
+        least = medians[w] if w == 1 else min(least, medians[w])
+        seconds[w] = least
+    return Costs(dict(sorted(seconds.items())), context)
 
 
 def costs_path(model: nn.Module, draft: Any) -> Path:

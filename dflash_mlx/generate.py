@@ -24,7 +24,7 @@ from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .block_policy import BlockPolicy, make_policy
+from .block_policy import BlockPolicy, FixedPolicy, make_policy
 from .drafter import DraftModel
 from .sampling import SamplingParams, greedy_accept, speculative_accept
 from .session import VerifySession
@@ -176,7 +176,9 @@ def dflash_cycles(
             W = policy.max_width
             # Static caches (lengths on the device) let cycle t+1 be queued before the
             # host reads cycle t: its graph building then overlaps cycle t's device time.
-            static = not processors and W > 1
+            # Only for a fixed width: auto's plain steps are cheapest on the general path
+            # (no draft-context write per step, queued like mlx_lm's).
+            static = not processors and W > 1 and isinstance(policy, FixedPolicy)
             static = static and session.can_go_static(session.offset + max_tokens + W)
             if static:
                 session.go_static(headroom=4 * W)

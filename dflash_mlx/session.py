@@ -286,7 +286,7 @@ class VerifySession:
         self.kv.apply(self.target_cache)
         self._write_back()
         self._pending.append(self.tap.features())
-        if len(self._pending) >= 256:  # a long run of plain steps: bound the list
+        if len(self._pending) >= 64:  # a long run of plain steps: bound the list
             self._flush()
         self.offset += 1
         return logits

@@ -54,11 +54,15 @@ def test_auto_picks_the_width_with_most_tokens_per_second(seconds):
 
 
 def test_observed_acceptance_moves_the_rates():
-    """Counts with a prior of strength m: a_i = (s_i + m p_i) / (s_i + f_i + m)."""
+    """Counts with a prior of strength m: a_i = (s_i + m p_i) / (s_i + f_i + m), all of
+    them decayed by the same factor per cycle."""
     acc = block_policy.Acceptance([0.5, 0.5, 0.5], strength=2.0, decay=1.0)
     acc.observe(4, 1)  # position 1 accepted, 2 rejected, 3 not tried
     acc.observe(4, 3)  # all three accepted
     assert acc.rates() == pytest.approx([(2 + 1) / (2 + 2), (1 + 1) / (2 + 2), (1 + 1) / (1 + 2)])
+    acc = block_policy.Acceptance([0.8], strength=4.0, decay=0.5)
+    acc.observe(2, 0)  # counts halve: 1.6 accepted, 0.4 + 1 rejected
+    assert acc.rates() == pytest.approx([1.6 / 3.0])
 
 
 def test_auto_falls_back_to_plain_steps_and_probes_back():
