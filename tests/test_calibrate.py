@@ -193,9 +193,30 @@ def test_cpu_backend_has_nothing_to_calibrate(monkeypatch, capsys):
     monkeypatch.setattr(calibrate, "device_identity", lambda: None)
     assert calibrate.main([]) == 0
     out = capsys.readouterr().out
-    assert "nothing to calibrate" in out and out.count("\n") == 1
+    assert "no kernels to calibrate" in out and out.count("\n") == 1
     assert calibrate.ensure_calibrated() is None
     assert calibrate.current("metal") is None
+
+
+def test_calibrate_times_the_pairs_block_sizes_on_any_backend(tmp_path, monkeypatch, capsys):
+    """With --model and --draft, the cycle cost per block size (what --block-size auto
+    reads) is measured and stored, on the CPU too; --force measures again."""
+    from dflash_mlx import block_policy, demo
+
+    monkeypatch.undo()  # the real measurement, not the suite's stand-in costs
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(calibrate, "device_identity", lambda: None)
+    monkeypatch.setattr(block_policy, "_measured", {})
+    monkeypatch.setattr(block_policy, "WARMUP", 1)
+    monkeypatch.setattr(block_policy, "TIMED", 1)
+    args = ["--model", str(demo.TARGET), "--draft", str(demo.DRAFT)]
+    assert calibrate.main(args) == 0
+    out = capsys.readouterr().out
+    assert "block-size costs:" in out and "16:" in out
+    (saved,) = (tmp_path / "dflash_mlx").glob("costs-*.json")
+    first = saved.read_text()
+    assert calibrate.main([*args, "--force"]) == 0
+    assert saved.read_text() != first  # measured again
 
 
 def test_model_shapes_find_linears_and_attention():
