@@ -14,9 +14,10 @@ E(w) / C(w), each cycle:
   it has one.
 
 Width 1 still feeds the draft's context, so after a run of plain steps a probe cycle
-drafts again (at the width the prior would pick); probes are spaced so that their extra
-time stays under 2 % of the plain steps', doubling the spacing while they keep failing,
-so a pair that does not pay costs little more than plain decoding.
+drafts again (at the width the prior would pick): after 4 plain steps where the prior
+says drafting pays, else only when the probe's extra time stays under 2 % of the plain
+steps' (a CPU). The spacing doubles while probes keep failing, so a pair that does not
+pay costs little more than plain decoding.
 
 The width never changes a result: greedy output is the target's own at every width and
 sampling stays exact, since the choice depends only on cycles already finished.
