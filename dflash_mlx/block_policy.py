@@ -194,11 +194,17 @@ class AutoPolicy:
         return after << min(self.failed_probes, 6)
 
     def choose(self) -> int:
-        width = self.best(self.widths)
-        if self.plain == 0 and width > 1:
-            return width
-        # Drafting does not pay, or stopped paying: plain steps, now and then a probe.
-        if self.max_width > 1 and self.plain >= self.probe_after():
+        if self.plain == 0:
+            width = self.best(self.widths)
+            if width > 1:
+                return width
+        # Drafting does not pay, or stopped paying: plain steps, now and then a probe
+        # (the cheap lower bound first: a plain step should cost no more than mlx_lm's).
+        elif (
+            self.max_width > 1
+            and self.plain >= PROBE_AFTER << min(self.failed_probes, 6)
+            and self.plain >= self.probe_after()
+        ):
             self.plain, self._probe = 0, self.probe_width()
             return self._probe
         self.plain += 1

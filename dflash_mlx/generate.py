@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 from mlx import nn
@@ -62,6 +62,16 @@ class Cycle:
     # Set by a consumer that stops inside this cycle: how many of `tokens` it emitted.
     # With a caller's prompt cache, the cache then holds exactly the emitted tokens.
     used: int | None = None
+
+
+class Unread(NamedTuple):
+    """A cycle built on the device whose outcome the host has not read yet."""
+
+    block: mx.array  # anchor + drafts
+    n_acc: mx.array | int  # accepted drafts (0, a host int, for a plain step)
+    nxt: mx.array  # the target's token after them
+    logprobs: mx.array
+    width: int
 
 
 def check_pair(model: nn.Module, draft: DraftModel) -> None:
@@ -186,7 +196,7 @@ def dflash_cycles(
             # Cycles on the device the host has not read yet (at most one): every static
             # cycle, and plain steps (width 1: their commit needs no host value), unless
             # logits processors must see each token first.
-            queue: list[tuple] = []
+            queue: list[Unread] = []
             tick = time.perf_counter()
 
             while n_emitted < max_tokens:
@@ -227,7 +237,7 @@ def dflash_cycles(
                     valid = 1
 
                 if bs >= 1:
-                    this = (block, n_acc, nxt, logprobs, bs)
+                    this = Unread(block, n_acc, nxt, logprobs, bs)
                     if static or (bs == 1 and not processors):
                         # Commit on the device; the host reads the cycle queued before.
                         if static:
@@ -244,16 +254,16 @@ def dflash_cycles(
                     newest = not queue and cycle is ready[-1]
                     if static:
                         session.committed(a + 1)
-                    elif cycle[4] > 1:  # a drafting cycle: commit what was accepted
+                    elif cycle.width > 1:  # a drafting cycle: commit what was accepted
                         session.commit(a + 1)
                     if not static and newest:  # nothing queued after it: it sets the anchor
                         anchor = mx.array(tokens[-1:], dtype=mx.int32)
                     if static or newest:
                         valid = a + 1
                     now = time.perf_counter()
-                    policy.observe(cycle[4], a, now - tick)
+                    policy.observe(cycle.width, a, now - tick)
                     tick = now
-                    if on_phase and cycle[4] > 1:
+                    if on_phase and cycle.width > 1:
                         on_phase("accept_rollback", session.state_arrays())
                     if processors:  # everything before the next anchor
                         history.extend([token] + tokens[:-1])
@@ -264,7 +274,7 @@ def dflash_cycles(
                     n_cycles += 1
                     if n_cycles % 64 == 0:
                         mx.clear_cache()
-                    last = Cycle(tokens, cycle[3][: a + 1], a, cycle[4])
+                    last = Cycle(tokens, cycle.logprobs[: a + 1], a, cycle.width)
                     yield last
                     if n_emitted >= max_tokens:
                         break
@@ -277,9 +287,9 @@ def dflash_cycles(
                 _settle(session, base, n_before, valid, last)
 
 
-def _read(cycle: tuple) -> tuple[int, list[int]]:
+def _read(cycle: Unread) -> tuple[int, list[int]]:
     """(accepted count, emitted tokens) of a queued cycle: the host waits for it here."""
-    block, n_acc, nxt, *_ = cycle
+    block, n_acc, nxt = cycle.block, cycle.n_acc, cycle.nxt
     if isinstance(n_acc, int):  # a plain step
         return 0, [nxt.item()]
     mx.eval(n_acc, nxt, block)  # one wait for all three; reading them after costs none

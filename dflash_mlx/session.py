@@ -160,7 +160,6 @@ class VerifySession:
         # Committed positions' features not in the draft cache yet: plain decode steps
         # leave theirs here until the next proposal needs them (one context update).
         self._pending: list[mx.array] = []
-        self._pending_before: list[mx.array] = []
         self._verify: tuple[int, int] | None = None  # (offset before, block length)
         self._block_start = self.offset  # offset before the last verify or decode step
         self._unquantized: dict[int, Any] = {}
@@ -313,9 +312,9 @@ class VerifySession:
         L = block.size
         if self.length is not None:
             return self._verify_static(block)
+        self._flush()  # (a proposal already did): a commit's features follow these
         self._verify = (self.offset, L)
         self._block_start = self.offset
-        self._pending_before = list(self._pending)
         self.rollback.checkpoint()
         split = self.kv.start - self.offset if self.kv.bits is not None else 0
         with routing.verifying():
@@ -381,8 +380,7 @@ class VerifySession:
         self.kv.apply(self.target_cache)
         self._write_back()
         self.offset = start + n_keep
-        kept = [self._features[:, :n_keep]] if n_keep else []
-        self._pending = self._pending_before + kept
+        self._pending = [self._features[:, :n_keep]] if n_keep else []
 
     def state_arrays(self) -> list[Any]:
         """What to evaluate to make the caches real (after a commit)."""
