@@ -160,7 +160,11 @@ class Costs:
 class AutoPolicy:
     """The width with the most expected tokens per second, cycle by cycle."""
 
-    def __init__(self, costs: Costs, rates: list[float], block_size: int):
+    def __init__(self, costs: Costs, rates: list[float], block_size: int, timed: bool = True):
+        # timed: correct the costs by the cycles' wall times. Off when sampling: the
+        # widths decide how the random draws are used, so widths that followed the clock
+        # would make a seeded run unrepeatable (greedy output is the same at any width).
+        self.timed = timed
         self.widths = [w for w in widths_up_to(block_size) if w in costs.seconds] or [1]
         self.max_width = max(self.widths)
         self.costs = costs
@@ -211,7 +215,7 @@ class AutoPolicy:
         return 1
 
     def observe(self, width: int, accepted: int, seconds: float) -> None:
-        if width in self._seen:  # the first cycle of a width may include compiling it
+        if self.timed and width in self._seen:  # a width's first cycle may compile it
             kind = "step" if width == 1 else "cycle"
             ratio = min(max(seconds / self.costs.seconds[width], 0.25), 4.0)
             self.scale[kind] = math.exp(0.8 * math.log(self.scale[kind]) + 0.2 * math.log(ratio))
@@ -338,11 +342,14 @@ def cached_costs(model: nn.Module, draft: Any, block_size: int, force: bool = Fa
     return costs
 
 
-def make_policy(model: nn.Module, draft: Any, block_size: int | str | None) -> BlockPolicy:
-    """--block-size N: FixedPolicy(N); None or 'auto': AutoPolicy on this machine's costs."""
+def make_policy(
+    model: nn.Module, draft: Any, block_size: int | str | None, timed: bool = True
+) -> BlockPolicy:
+    """--block-size N: FixedPolicy(N); None or 'auto': AutoPolicy on this machine's costs
+    (`timed`: corrected by the cycles' wall times, see AutoPolicy)."""
     if block_size is None or block_size == "auto":
         B = draft.block_size
-        return AutoPolicy(cached_costs(model, draft, B), prior_rates(draft, B), B)
+        return AutoPolicy(cached_costs(model, draft, B), prior_rates(draft, B), B, timed)
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise ValueError(  # noqa: TRY004 (a bad value from the user: one line)
             f"block size must be a positive int or 'auto', got {block_size!r}"

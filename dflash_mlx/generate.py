@@ -148,7 +148,7 @@ def dflash_cycles(
     """
     sampling = sampling or SamplingParams()
     check_pair(model, draft)
-    policy = policy or make_policy(model, draft, block_size)
+    policy = policy or make_policy(model, draft, block_size, timed=sampling.greedy)
     processors = logits_processors or []
     history = prompt.tolist() if processors else []  # what sequential decoding has seen
     session = session_class(
