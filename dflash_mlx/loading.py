@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 from mlx import nn
 
+from . import paro
 from .checkpoint import DTYPES, CheckpointError, build, read
 from .config import DraftConfig
 from .drafter import DraftModel
@@ -44,16 +46,21 @@ def _check_target_dir(text: str) -> None:
 
 
 def load(path_or_hf_repo: str, **kwargs: Any) -> tuple[nn.Module, Any]:
-    """Load a target exactly as `mlx_lm.load` does (same arguments); bad local
-    directories, unreadable weights and failed Hub fetches raise one-line ValueErrors."""
+    """Load a target exactly as `mlx_lm.load` does (same arguments), a ParoQuant one through
+    paroquant's MLX loader; bad local directories, unreadable weights and failed Hub
+    fetches raise one-line ValueErrors."""
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     from mlx_lm import load as mlx_lm_load
+    from mlx_lm.utils import _download
 
     local = _is_local(path_or_hf_repo)
     if local:
         _check_target_dir(str(path_or_hf_repo))
+    path = str(Path(path_or_hf_repo).expanduser())
     try:
-        return mlx_lm_load(str(Path(path_or_hf_repo).expanduser()), **kwargs)
+        if paro.is_paro(_download(path, kwargs.get("revision"), ["config.json"])):
+            return paro.load(path, **kwargs)
+        return mlx_lm_load(path, **kwargs)
     except RuntimeError as e:  # mlx's safetensors reader: truncated or corrupt file
         raise ValueError(f"cannot read the weights of {path_or_hf_repo}: {e}") from None
     except TypeError as e:  # a config.json the model's ModelArgs cannot take
@@ -84,15 +91,25 @@ def load_draft(path_or_hf_repo: str | Path, dtype: str | mx.Dtype | None = None)
     return draft
 
 
-def _trained_acceptance(path: Path) -> list[float] | None:
-    """P(first k drafts accepted), k = 1 …, from the held-out evaluation `dflash-mlx
-    train` records beside its checkpoint (`--block-size auto` starts from it)."""
+def _trained_acceptance(path: Path) -> dict[int, list[float]] | None:
+    """{context length: P(first k drafts accepted), k = 1 …} from the held-out evaluations
+    `dflash-mlx train` records beside its checkpoint (short prompts, and long texts cut to
+    several lengths): `--block-size auto` starts from the one nearest its sequence."""
     try:
         result = json.loads((path / "train_result.json").read_text())
-        values = [float(x) for x in result["eval"]["per_position_acceptance"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        runs = [result["eval"], *(result.get("eval_long") or {}).values()]
+        priors = {}
+        for run in runs:
+            values = [float(x) for x in run["per_position_acceptance"]]
+            lengths = run.get("prompt_tokens") or {}
+            context = run.get("context") or math.sqrt(
+                lengths.get("min", 64) * lengths.get("max", 64)
+            )
+            if values and all(0.0 <= x <= 1.0 for x in values):
+                priors[max(1, round(context))] = values
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return values if all(0.0 <= x <= 1.0 for x in values) else None
+    return priors or None
 
 
 def _check_draft_shape(path: str | Path, config: DraftConfig, weights: dict) -> None:
