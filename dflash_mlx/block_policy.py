@@ -8,16 +8,21 @@ E(w) / C(w), each cycle:
 
 - C comes from a measurement of this machine and pair, made once (`measure_costs`, a
   few seconds, cached under the user's cache directory beside the kernel calibration)
-  and corrected on the fly by the cycles' own wall times (context grows, machines vary);
+  and corrected on the fly by the cycles' own wall times, per width once it has run
+  (context grows, machines vary);
 - a_i are running rates of this generation (decayed counts), starting from a prior:
-  the draft's own training result (`train_result.json`'s per-position acceptance) when
-  it has one.
+  the draft's own training result (`train_result.json`'s per-position acceptance, at
+  the held-out length nearest this sequence's) when it has one. Positions not drafted
+  yet take at least the rate of the furthest one that was, and every 4 drafting cycles
+  below the block size one cycle tries about twice the best width, so a text more
+  predictable than the prior (or a verify cheaper than measured) is found.
 
 Width 1 still feeds the draft's context, so after a run of plain steps a probe cycle
 drafts again (at the width the prior would pick): after 4 plain steps where the prior
-says drafting pays, else only when the probe's extra time stays under 2 % of the plain
-steps' (a CPU). The spacing doubles while probes keep failing, so a pair that does not
-pay costs little more than plain decoding.
+says drafting pays, else only when the probe's expected loss (its time less that of the
+plain steps for its expected tokens) stays under 2 % of the plain steps' (a CPU). The
+spacing doubles while probes keep failing, so a pair that does not pay costs little
+more than plain decoding.
 
 The width never changes a result: greedy output is the target's own at every width and
 sampling stays exact, since the choice depends only on cycles already finished.
@@ -48,7 +53,8 @@ GENERIC_PRIOR = 0.8  # a_i for a draft without a training result
 PRIOR_STRENGTH = 8.0  # how many cycles' worth of evidence the prior weighs
 DECAY = 0.95  # per drafting cycle: older ones count less (acceptance moves with the text)
 PROBE_AFTER = 4  # plain steps before the first probe, at least
-PROBE_BUDGET = 0.02  # a probe's extra time, as a fraction of the plain steps before it
+PROBE_BUDGET = 0.02  # a probe's expected loss, as a fraction of the plain steps before it
+WIDER_EVERY = 4  # drafting cycles below the block size between tries of a wider width
 
 
 class BlockPolicy(Protocol):
@@ -98,6 +104,7 @@ class Acceptance:
     decay: float = DECAY
     accepted: list[float] = field(default_factory=list)
     rejected: list[float] = field(default_factory=list)
+    tried: int = 0  # positions drafted at least once
 
     def __post_init__(self) -> None:
         self.accepted = self.accepted or [self.strength * p for p in self.prior]
@@ -113,19 +120,35 @@ class Acceptance:
             self.accepted[i] += 1
         if accepted < min(width - 1, len(self.prior)):
             self.rejected[accepted] += 1
+        self.tried = max(self.tried, min(width - 1, len(self.prior)))
 
     def rates(self) -> list[float]:
+        """Positions never drafted take at least the rate of the furthest one drafted:
+        a draft's acceptance given the positions before it rarely falls along the block,
+        and without that, a text far more predictable than the prior would never be
+        drafted wider than the widths tried first."""
         tiny = 1e-12  # counts decayed to nothing: the prior again
-        return [
+        rates = [
             (s + tiny * p) / (s + f + tiny)
             for s, f, p in zip(self.accepted, self.rejected, self.prior, strict=True)
         ]
+        if self.tried:
+            furthest = rates[self.tried - 1]
+            rates[self.tried :] = [max(r, furthest) for r in rates[self.tried :]]
+        return rates
 
 
-def prior_rates(draft: Any, block_size: int) -> list[float]:
-    """a_1 … a_{B-1} from the draft's training result (cumulative per-position
-    acceptance, as `dflash-mlx train` writes it), else a generic prior."""
+def prior_rates(draft: Any, block_size: int, context: int | None = None) -> list[float]:
+    """a_1 … a_{B-1} from the draft's training result, else a generic prior.
+
+    `draft.acceptance_prior`: cumulative per-position acceptance as `dflash-mlx train`
+    measures it, one list, or {context length: list} for held-out texts at several
+    lengths (acceptance moves with the context); the length nearest to `context` (in
+    ratio) is used, the shortest one when it is not known."""
     cumulative = getattr(draft, "acceptance_prior", None) or []
+    if isinstance(cumulative, dict):
+        near = lambda n: abs(math.log(n / context)) if context else n
+        cumulative = cumulative[min(cumulative, key=near)] if cumulative else []
     rates, before = [], 1.0
     for k in range(block_size - 1):
         if k < len(cumulative) and before > 0:
@@ -170,14 +193,17 @@ class AutoPolicy:
         self.costs = costs
         self.prior = list(rates[: self.max_width - 1])
         self.acceptance = Acceptance(list(self.prior))
-        self.scale = {"step": 1.0, "cycle": 1.0}  # measured / calibrated, per kind
+        # measured / calibrated: per width once it has run, else per kind (step, cycle)
+        self.scale: dict[int | str, float] = {"step": 1.0, "cycle": 1.0}
         self._seen: set[int] = set()
         self.plain = 0  # plain steps since the last drafting cycle
         self.failed_probes = 0
         self._probe: int | None = None  # width of the probe in flight
+        self.since_wider = 0  # drafting cycles since a wider width than the best was tried
 
     def seconds(self, width: int) -> float:
-        return self.costs.seconds[width] * self.scale["step" if width == 1 else "cycle"]
+        kind = "step" if width == 1 else "cycle"
+        return self.costs.seconds[width] * self.scale.get(width, self.scale[kind])
 
     def best(self, widths: list[int], rates: list[float] | None = None) -> int:
         rates = rates or self.acceptance.rates()
@@ -190,16 +216,31 @@ class AutoPolicy:
     def probe_after(self) -> int:
         """Plain steps before the next probe, doubling with every probe that did not pay
         for itself. Where even the prior's rates say drafting does not pay (a CPU),
-        probes are rarer still: their extra time stays under PROBE_BUDGET of the steps'."""
+        probes are rarer still: their expected loss (the probe's time less the plain
+        steps that would emit its expected tokens) stays under PROBE_BUDGET of the steps'.
+        A prior that nearly pays makes probing nearly free, so it comes soon."""
         after = PROBE_AFTER
         if self.best(self.widths, self.prior) == 1:
-            extra = self.seconds(self.probe_width()) / self.seconds(1) - 1
-            after = max(after, math.ceil(extra / PROBE_BUDGET))
+            w = self.probe_width()
+            loss = self.seconds(w) / self.seconds(1) - expected_tokens(self.prior, w)
+            after = max(after, math.ceil(loss / PROBE_BUDGET))
         return after << min(self.failed_probes, 6)
+
+    def wider(self, width: int) -> int:
+        """The candidate nearest twice `width` (at most the block): where to look next
+        for a width that pays more than the best one so far."""
+        return min(self.widths, key=lambda w: (abs(w - 2 * width), -w))
 
     def choose(self) -> int:
         if self.plain == 0:
             width = self.best(self.widths)
+            if 1 < width < self.max_width:
+                # Costs measured at another context and rates of untried positions are
+                # guesses: now and then a wider cycle measures both.
+                self.since_wider += 1
+                if self.since_wider >= WIDER_EVERY:
+                    self.since_wider = 0
+                    return self.wider(width)
             if width > 1:
                 return width
         # Drafting does not pay, or stopped paying: plain steps, now and then a probe
@@ -218,7 +259,9 @@ class AutoPolicy:
         if self.timed and width in self._seen:  # a width's first cycle may compile it
             kind = "step" if width == 1 else "cycle"
             ratio = min(max(seconds / self.costs.seconds[width], 0.25), 4.0)
-            self.scale[kind] = math.exp(0.8 * math.log(self.scale[kind]) + 0.2 * math.log(ratio))
+            for key in (kind, width):
+                old = self.scale.get(key, self.scale[kind])
+                self.scale[key] = math.exp(0.8 * math.log(old) + 0.2 * math.log(ratio))
         self._seen.add(width)
         if width == 1:
             return
@@ -265,10 +308,12 @@ def measure_costs(
     progress: Callable[[int, int], None] | None = None,
 ) -> Costs:
     """Time real cycles of each width (the decode loop itself, on random tokens after a
-    `context`-token prompt): median of TIMED cycles after WARMUP."""
+    `context`-token prompt): median of TIMED cycles after WARMUP. One more cycle of the
+    width follows, untimed: with static caches the loop queues a cycle before reading the
+    previous one, so the last gap of a width holds the next width's first (eager) call."""
     from .generate import dflash_cycles  # the loop imports this module
 
-    per_width = WARMUP + TIMED
+    per_width = WARMUP + TIMED + 1
     script = [w for w in widths for _ in range(per_width)]
     policy = ScriptPolicy(script)
     vocab = draft.config.vocab_size
@@ -282,7 +327,7 @@ def measure_costs(
     cycles.close()
     medians = {}
     for w in widths:
-        times = sorted(policy.times.get(w, [])[WARMUP:])
+        times = sorted(policy.times.get(w, [])[WARMUP : WARMUP + TIMED])
         if times:
             medians[w] = times[len(times) // 2]
     # A narrower drafting cycle does no more work than a wider one: a dearer reading is
@@ -343,13 +388,19 @@ def cached_costs(model: nn.Module, draft: Any, block_size: int, force: bool = Fa
 
 
 def make_policy(
-    model: nn.Module, draft: Any, block_size: int | str | None, timed: bool = True
+    model: nn.Module,
+    draft: Any,
+    block_size: int | str | None,
+    timed: bool = True,
+    context: int | None = None,
 ) -> BlockPolicy:
     """--block-size N: FixedPolicy(N); None or 'auto': AutoPolicy on this machine's costs
-    (`timed`: corrected by the cycles' wall times, see AutoPolicy)."""
+    (`timed`: corrected by the cycles' wall times, see AutoPolicy), its prior for a
+    sequence of `context` positions."""
     if block_size is None or block_size == "auto":
         B = draft.block_size
-        return AutoPolicy(cached_costs(model, draft, B), prior_rates(draft, B), B, timed)
+        rates = prior_rates(draft, B, context)
+        return AutoPolicy(cached_costs(model, draft, B), rates, B, timed)
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise ValueError(  # noqa: TRY004 (a bad value from the user: one line)
             f"block size must be a positive int or 'auto', got {block_size!r}"

@@ -24,7 +24,7 @@ from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .block_policy import BlockPolicy, FixedPolicy, make_policy
+from .block_policy import BlockPolicy, make_policy
 from .drafter import DraftModel
 from .sampling import SamplingParams, greedy_accept, speculative_accept
 from .session import VerifySession
@@ -148,7 +148,6 @@ def dflash_cycles(
     """
     sampling = sampling or SamplingParams()
     check_pair(model, draft)
-    policy = policy or make_policy(model, draft, block_size, timed=sampling.greedy)
     processors = logits_processors or []
     history = prompt.tolist() if processors else []  # what sequential decoding has seen
     session = session_class(
@@ -160,6 +159,8 @@ def dflash_cycles(
         kv_group_size=kv_group_size,
         quantized_kv_start=quantized_kv_start,
     )
+    context = session.offset + prompt.size  # the prior's acceptance is for this length
+    policy = policy or make_policy(model, draft, block_size, sampling.greedy, context)
 
     def pick(logits: mx.array, block: mx.array) -> tuple[mx.array, mx.array]:
         """(log-probabilities as mlx_lm reports them, what to sample or argmax from)."""
@@ -170,6 +171,44 @@ def dflash_cycles(
 
     def sample(dist: mx.array) -> mx.array:
         return mx.argmax(dist, axis=-1) if sampling.greedy else mx.random.categorical(dist)
+
+    def drafting_cycle(anchor: mx.array, bs: int, compiled: bool = False):
+        """Propose bs - 1 drafts after the anchor, verify the block in one target forward,
+        accept on the device. Returns (block, accepted count, next token, logprobs)."""
+        drafted, draft_logq = session.propose(anchor, bs - 1, sampling, draft_window)
+        block = mx.concatenate([anchor, drafted])
+        if not compiled:
+            mx.async_eval(block)  # the device drafts while the host builds verify
+        if on_phase:  # benchmarks only: no work on the hot path otherwise
+            on_phase("draft", [block])
+
+        logprobs, dist = pick(session.verify(block), block)
+        if on_phase:
+            on_phase("verify", [dist, session._features])
+
+        # Decided once for every process (a sharded session broadcasts it).
+        if bs == 1:
+            n_acc, nxt = mx.array(0), sample(dist[0])
+        elif sampling.greedy:
+            n_acc, nxt = greedy_accept(drafted, mx.argmax(dist, axis=-1))
+        else:
+            n_acc, nxt = speculative_accept(drafted, draft_logq, dist)
+        n_acc, nxt = session.decide(n_acc, nxt)
+        return block, n_acc, nxt, logprobs
+
+    def static_cycle(anchor: mx.array, bs: int, compiled: bool):
+        """A cycle of bs tokens committed on the device (static caches: nothing waits);
+        bs 1 is a plain step that writes its position into the draft's context."""
+        block, n_acc, nxt, logprobs = drafting_cycle(anchor, bs, compiled)
+        session.commit(n_acc + 1)
+        return block, n_acc, nxt, logprobs
+
+    def static_runner(bs: int) -> Callable[[mx.array], tuple]:
+        """The static cycle of width bs as one compiled graph; a benchmark timing its
+        phases (on_phase evaluates inside) or a host-scripted draft runs it eagerly."""
+        if on_phase or not draft.traceable:
+            return lambda anchor: static_cycle(anchor, bs, compiled=False)
+        return session.compile_static(lambda anchor: static_cycle(anchor, bs, compiled=True))
 
     last: Cycle | None = None
     n_before = 0  # tokens emitted before `last`
@@ -185,13 +224,12 @@ def dflash_cycles(
             n_emitted, n_cycles = 1, 0
             W = policy.max_width
             # Static caches (lengths on the device) let cycle t+1 be queued before the
-            # host reads cycle t: its graph building then overlaps cycle t's device time.
-            # Only for a fixed width: auto's plain steps are cheapest on the general path
-            # (no draft-context write per step, queued like mlx_lm's).
-            static = not processors and W > 1 and isinstance(policy, FixedPolicy)
+            # host reads cycle t, and a cycle run as one compiled graph (one per width).
+            static = not processors and W > 1
             static = static and session.can_go_static(session.offset + max_tokens + W)
             if static:
-                session.go_static(headroom=4 * W)
+                session.go_static(session.offset + max_tokens + 4 * W)
+                runners: dict[int, Callable[[mx.array], tuple]] = {}
             anchor = mx.array([token], dtype=mx.int32)
             # Cycles on the device the host has not read yet (at most one): every static
             # cycle, and plain steps (width 1: their commit needs no host value), unless
@@ -213,35 +251,20 @@ def dflash_cycles(
                     logprobs, dist = pick(session.decode(block), block)
                     n_acc, nxt = 0, session.decide(mx.array(0), sample(dist[0]))[1]
                     valid = 1
+                elif static:  # propose, verify, accept, commit: all on the device
+                    if bs not in runners:
+                        runners[bs] = static_runner(bs)
+                    session.reserve(bs)
+                    block, n_acc, nxt, logprobs = runners[bs](anchor)
+                    valid = 1
                 else:
-                    # Propose: one draft forward drafts bs-1 tokens after the anchor.
-                    drafted, draft_logq = session.propose(anchor, bs - 1, sampling, draft_window)
-                    block = mx.concatenate([anchor, drafted])
-                    mx.async_eval(block)  # the device drafts while the host builds verify
-                    if on_phase:  # benchmarks only: no work on the hot path otherwise
-                        on_phase("draft", [block])
-
-                    # Verify: one target forward over the whole block.
-                    logprobs, dist = pick(session.verify(block), block)
-                    if on_phase:
-                        on_phase("verify", [dist, session._features])
-
-                    # Accept: on the device, decided once for every process.
-                    if bs == 1:
-                        n_acc, nxt = mx.array(0), sample(dist[0])
-                    elif sampling.greedy:
-                        n_acc, nxt = greedy_accept(drafted, mx.argmax(dist, axis=-1))
-                    else:
-                        n_acc, nxt = speculative_accept(drafted, draft_logq, dist)
-                    n_acc, nxt = session.decide(n_acc, nxt)
+                    block, n_acc, nxt, logprobs = drafting_cycle(anchor, bs)
                     valid = 1
 
                 if bs >= 1:
                     this = Unread(block, n_acc, nxt, logprobs, bs)
                     if static or (bs == 1 and not processors):
-                        # Commit on the device; the host reads the cycle queued before.
-                        if static:
-                            session.commit(n_acc + 1)
+                        # Committed on the device; the host reads the cycle queued before.
                         anchor = nxt.reshape(1).astype(mx.int32)
                         mx.async_eval(nxt, block, *session.state_arrays())
                         queue.append(this)

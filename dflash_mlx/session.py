@@ -297,8 +297,6 @@ class VerifySession:
         if n == 0:
             return mx.zeros((0,), dtype=mx.int32), None
         self._flush()
-        if self.length is not None:  # the cycle's first write into the static buffers
-            self._reserve(n + 1)
         return self.draft.propose(anchor, self.draft_cache, n, sampling, window)
 
     def verify(self, block: mx.array) -> mx.array:
@@ -398,8 +396,10 @@ class VerifySession:
         limit = STATIC_MAX_POSITIONS.get(_backend(), 0)
         return positions is not None and positions <= limit
 
-    def go_static(self, headroom: int) -> None:
-        self.length = Length(self.offset, _capacity(self.offset + headroom))
+    def go_static(self, positions: int) -> None:
+        """Move the caches into static buffers with room for `positions` in all (the
+        generation's whole length: a compiled cycle is traced once per buffer shape)."""
+        self.length = Length(self.offset, _capacity(positions))
         self.target_cache[:] = [
             StaticKVCache.from_kv_cache(c, self.length) for c in self.target_cache
         ]
@@ -408,10 +408,12 @@ class VerifySession:
         ]
         self._inflight = 0
 
-    def _reserve(self, L: int) -> None:
-        """Room for this cycle's L rows: the device's offset may be up to L per unread
-        cycle past the host's, and nothing may be written past the capacity."""
+    def reserve(self, L: int) -> None:
+        """Before a static cycle of L positions (host bookkeeping, outside any compiled
+        code): the device's offset may be up to L per unread cycle past the host's, and
+        nothing may be written past the capacity, so grow the buffers if needed."""
         need = self.offset + L * (self._inflight + 1)
+        self._inflight += 1
         if need > self.length.capacity:
             self.length.capacity = _capacity(need)
             self.length.set(self.length.offset)  # masks are per capacity
@@ -419,12 +421,48 @@ class VerifySession:
                 c.grow(self.length.capacity)
 
     def _verify_static(self, block: mx.array) -> mx.array:
-        self._reserve(block.size)
-        self._inflight += 1
         with routing.verifying():
             logits = self._forward(block)
         self._features = self.tap.features()
         return logits
+
+    def compile_static(self, cycle: Callable[[mx.array], Any]) -> Callable[[mx.array], Any]:
+        """`cycle(anchor)` (propose, verify, accept, commit on the static caches) as one
+        mx.compile'd function, the caches' buffers and device length passed in and out
+        as explicit state: after the first trace a call replays the recorded graph
+        (no Python model code, elementwise chains fused). At each buffer size (growth)
+        one call runs eagerly, then one traces. Host bookkeeping (`reserve`) stays
+        outside."""
+        caches = lambda: self.target_cache + self.draft_cache
+
+        def state() -> list[mx.array]:
+            return [self.length.offset] + [a for c in caches() for a in (c.keys, c.values)]
+
+        def set_state(arrays: list[mx.array]) -> None:
+            self.length.set(arrays[0])  # also drops masks made from the previous offset
+            for i, c in enumerate(caches()):
+                c.keys, c.values = arrays[1 + 2 * i], arrays[2 + 2 * i]
+
+        def pure(arrays: list[mx.array], anchor: mx.array):
+            set_state(arrays)
+            out = cycle(anchor)
+            return out, state()
+
+        # The sampler's random key is implicit state too: seeded runs repeat.
+        compiled = mx.compile(pure, inputs=mx.random.state, outputs=mx.random.state)
+        warm: set[int] = set()
+
+        def run(anchor: mx.array):
+            if self.length.capacity not in warm:
+                # Eagerly first at each buffer size: kernel self-checks and the small
+                # constant arrays they cache evaluate, which a trace may not.
+                warm.add(self.length.capacity)
+                return cycle(anchor)
+            out, arrays = compiled(state(), anchor)
+            set_state(arrays)
+            return out
+
+        return run
 
     def committed(self, n_keep: int) -> None:
         """The host has read a static cycle's accepted count: n_keep positions."""
@@ -484,9 +522,11 @@ def _backend() -> str:
 
 
 def _capacity(n: int) -> int:
-    """Static buffer rows for n positions: whole 256s, as mlx_lm's KVCache grows (masked
-    attention reads the whole buffer, so little slack; growing copies it, so not often)."""
-    return -(-n // 256) * 256
+    """Static buffer rows for n positions: 256, 384, 512, 768, 1024, 1536, ... (powers of
+    two and 1.5 times them): masked attention reads the whole buffer, so at most a third
+    is slack, and a compiled cycle retraces only O(log n) times as sequences grow."""
+    top = max(256, 1 << (n - 1).bit_length())
+    return top * 3 // 4 if top >= 512 and top * 3 // 4 >= n else top
 
 
 def _decode_window_mask(cache: RotatingKVCache, N: int) -> mx.array:

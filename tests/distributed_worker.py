@@ -27,6 +27,8 @@ from dflash_mlx.drafter import DraftModel
 
 
 class OracleDraft(DraftModel):
+    traceable = False  # scripted on the host: the loop runs it eagerly
+
     def __init__(self, config, reference, errors):
         super().__init__(config)
         self.reference, self.errors, self.cycle = reference, errors, 0

@@ -107,6 +107,52 @@ def test_auto_on_cpu_like_costs_decodes_plainly():
     assert sum(seconds[w] - 1 for w in widths) < 0.02 * len(widths)
 
 
+def test_a_prior_that_nearly_pays_probes_soon():
+    """CPU-like costs (a verify of w tokens ~0.75 w steps) and a text whose drafts are
+    all accepted: with the training result's acceptance at the sequence's length (1k:
+    it nearly pays), auto probes after a few plain steps and drafts from then on; with
+    the short-prompt acceptance (far from paying) its first probe waits for 30+ plain
+    steps, so that the probe's expected loss stays under PROBE_BUDGET."""
+    from types import SimpleNamespace
+
+    seconds = {1: 1.0, 2: 2.4, 3: 3.4, 4: 3.6, 5: 4.4, 6: 5.5, 8: 5.5, 16: 11.9}
+    at_1k = [0.91, 0.77, 0.69, 0.60, 0.55, 0.49, 0.46, 0.42, 0.39, 0.36, 0.35, 0.32, 0.3]
+    short = [0.74, 0.58, 0.45, 0.36, 0.29, 0.25, 0.22, 0.20, 0.19, 0.18, 0.17, 0.17, 0.16]
+    draft = SimpleNamespace(acceptance_prior={64: short, 1024: at_1k, 4096: at_1k})
+    runs = {}
+    for context in (100, 900):
+        policy = AutoPolicy(Costs(seconds), block_policy.prior_rates(draft, 16, context), 16)
+        runs[context] = []
+        for _ in range(64):
+            w = policy.choose()
+            runs[context].append(w)
+            policy.observe(w, w - 1, seconds[w])
+    assert min(i for i, w in enumerate(runs[100]) if w > 1) >= 30
+    first = min(i for i, w in enumerate(runs[900]) if w > 1)
+    assert first <= block_policy.PROBE_AFTER and min(runs[900][first:]) >= 8
+
+
+def test_untried_positions_and_wider_tries_find_a_predictable_text():
+    """Costs measured where width 2 looked best (a cheap 2-row verify, wide verifies
+    dear) but wide cycles really cost less here, and a text whose drafts are all
+    accepted: positions past those drafted take the furthest drafted one's rate, and a
+    wider try every WIDER_EVERY cycles measures the real cost, so auto ends up drafting
+    the whole block."""
+    measured = {1: 1.0, 2: 1.4, 3: 2.5, 4: 3.2, 8: 4.8, 16: 8.4}
+    real = {1: 1.0, 2: 1.4, 3: 2.0, 4: 2.3, 8: 3.3, 16: 5.5}
+    acc = block_policy.Acceptance([0.9, 0.5, 0.5, 0.5])
+    acc.observe(2, 1)
+    assert acc.tried == 1 and min(acc.rates()[1:]) == pytest.approx(acc.rates()[0])
+    at_1k = [0.91, 0.84, 0.9, 0.87, 0.92, 0.89, 0.94, 0.9, 0.94, 0.92, 0.97, 0.99, 0.94, 0.97]
+    policy = AutoPolicy(Costs(measured), [*at_1k, 0.97], 16)
+    widths = []
+    for _ in range(60):
+        w = policy.choose()
+        widths.append(w)
+        policy.observe(w, w - 1, real[w])
+    assert widths[0] == 2 and widths[-30:] == [16] * 30
+
+
 def test_fixed_and_bad_block_sizes():
     assert isinstance(make_policy(None, None, 6), FixedPolicy)
     assert make_policy(None, None, 6).choose() == 6
@@ -123,6 +169,16 @@ def test_prior_from_the_training_result():
     draft = SimpleNamespace(acceptance_prior=[0.8, 0.4, 0.2])
     assert block_policy.prior_rates(draft, 6) == pytest.approx([0.8, 0.5, 0.5, 0.5, 0.5])
     assert block_policy.prior_rates(object(), 3) == [block_policy.GENERIC_PRIOR] * 2
+    # Held-out texts at several lengths: the nearest one (by ratio) to the sequence's.
+    draft = SimpleNamespace(acceptance_prior={60: [0.5], 1024: [0.8], 4096: [0.9]})
+    rates = lambda context: block_policy.prior_rates(draft, 2, context)
+    assert [rates(None), rates(200), rates(300), rates(3000), rates(10**5)] == [
+        [0.5],
+        [0.5],
+        [0.8],
+        [0.9],
+        [0.9],
+    ]
 
 
 def test_load_draft_reads_the_training_result(tmp_path, tiny_pair):
@@ -136,7 +192,21 @@ def test_load_draft_reads_the_training_result(tmp_path, tiny_pair):
     assert getattr(load_draft(copy), "acceptance_prior", None) is None
     result = {"eval": {"per_position_acceptance": [0.7, 0.5, 0.25]}}
     (copy / "train_result.json").write_text(json.dumps(result))
-    assert load_draft(copy).acceptance_prior == [0.7, 0.5, 0.25]
+    assert load_draft(copy).acceptance_prior == {64: [0.7, 0.5, 0.25]}
+    # As `dflash-mlx train` writes it: short prompts (their lengths), long texts per context.
+    result = {
+        "eval": {"per_position_acceptance": [0.7, 0.5], "prompt_tokens": {"min": 45, "max": 80}},
+        "eval_long": {
+            "1024": {"per_position_acceptance": [0.9, 0.8], "context": 1024},
+            "4096": {"per_position_acceptance": [0.85, 0.7], "context": 4096},
+        },
+    }
+    (copy / "train_result.json").write_text(json.dumps(result))
+    assert load_draft(copy).acceptance_prior == {
+        60: [0.7, 0.5],
+        1024: [0.9, 0.8],
+        4096: [0.85, 0.7],
+    }
 
 
 @pytest.fixture(scope="module")

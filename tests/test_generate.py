@@ -55,6 +55,8 @@ class OracleDraft(DraftModel):
     error), so every accept length 0…B-1 and full acceptance occur.
     """
 
+    traceable = False  # scripted on the host: the loop runs it eagerly
+
     def __init__(self, config, reference, errors):
         super().__init__(config)
         self.reference, self.errors, self.cycle = reference, errors, 0

@@ -349,16 +349,78 @@ def test_max_kv_size_equals_mlx_lm(pair, max_kv_size):
     assert err < 1e-4
 
 
-def test_static_buffers_grow_losslessly(pair):
-    """Static caches (a dense target) grow in 256-row steps while cycles are queued ahead
-    of the host: 330 tokens of mostly accepted blocks cross two growths."""
+class DeviceOracleDraft(OracleDraft):
+    """OracleDraft with everything on the device, so the compiled cycle can run it: the
+    target's own future tokens, the first error at block position errors[p % len] for
+    an anchor at position p (None: none). Counts its Python forwards."""
+
+    traceable = True
+
+    def __init__(self, config, reference, errors):
+        super().__init__(config, reference + [0] * 64, errors)
+        self.table = mx.array(reference + [0] * 64, dtype=mx.int32)
+        self.errs = mx.array([-1 if e is None else e for e in errors], dtype=mx.int32)
+        self.forwards = 0
+
+    def __call__(self, block, context=None, cache=None, context_window=None):
+        self.forwards += 1
+        if context is not None:
+            self.add_context(context, cache)
+        start = cache[0].offset
+        at = mx.arange(block.shape[1] - 1)
+        proposal = mx.take(self.table, start + 1 + at)
+        err = mx.take(self.errs, mx.remainder(start, self.errs.size))
+        wrong = mx.remainder(proposal + 1, self.config.vocab_size)
+        proposal = mx.where(at == err, wrong, proposal)
+        return mx.concatenate([mx.zeros((1,), mx.int32), proposal])[None]
+
+
+def test_compiled_static_cycle_equals_mlx_lm(pair):
+    """Static caches run the whole cycle as one compiled graph: the draft's Python forward
+    runs only for the first (eager) call and the trace, yet every accept length occurs and the tokens are
+    mlx_lm's; a seeded sampled run repeats exactly."""
+    model, _, draft = pair("qwen3")
+    expected = mlx_lm_tokens(model, PROMPT, 200)
+    # errors keyed by position (17 of them): this pattern meets every accept length.
+    errors = [0, 1, 4, 4, 0, 5, 3, 5, 1, 3, 3, None, 3, 1, 6, 2, 5]
+    oracle = DeviceOracleDraft(draft.config, PROMPT + expected, errors)
+    with VerifySession(model, draft) as probe:
+        assert probe.can_go_static(len(PROMPT) + 200)
+    accepted = []
+    for cycle in dflash_cycles(model, oracle, mx.array(PROMPT), max_tokens=200, block_size=8):
+        accepted.append(cycle.accepted)
+    got = dflash_tokens(model, oracle, PROMPT, 200, block_size=8)
+    assert got == expected
+    assert len(accepted) > 30 and oracle.forwards == 4  # per run: one eager call, one trace
+    assert set(accepted[1:]) == set(range(8))
+    sampled = []
+    for _ in range(2):
+        mx.random.seed(3)
+        sampled.append(
+            dflash_tokens(model, draft, PROMPT, 40, block_size=4, sampling=SamplingParams(0.8))
+        )
+    assert sampled[0] == sampled[1]
+
+
+def test_static_buffers_grow_losslessly(pair, monkeypatch):
+    """Static caches grow (and the compiled cycle is traced again) when queued cycles
+    would pass their capacity: buffers started at 256 rows grow to 384 within 330
+    tokens of mostly accepted blocks."""
     model, _, draft = pair("qwen3")
     expected = mlx_lm_tokens(model, PROMPT, 330)
-    oracle = OracleDraft(draft.config, PROMPT + expected + [0] * 16, [None, 6, None, 2])
-    with VerifySession(model, draft) as probe:
-        assert probe.can_go_static(len(PROMPT) + 330)
+    oracle = DeviceOracleDraft(draft.config, PROMPT + expected, [None, 6, None, 2])
+    go_static = VerifySession.go_static
+    capacities, lengths = [], []
+
+    def small(self, positions):
+        go_static(self, self.offset + 16)
+        capacities.append(self.length.capacity)
+        lengths.append(self.length)
+
+    monkeypatch.setattr(VerifySession, "go_static", small)
     got = dflash_tokens(model, oracle, PROMPT, 330, block_size=8)
     assert got == expected
+    assert capacities == [256] and lengths[0].capacity == 384 and oracle.forwards == 4
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe"])
