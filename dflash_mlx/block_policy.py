@@ -259,8 +259,8 @@ class AutoPolicy:
         if self.timed and width in self._seen:  # a width's first cycle may compile it
             kind = "step" if width == 1 else "cycle"
             ratio = min(max(seconds / self.costs.seconds[width], 0.25), 4.0)
-            for key in (kind, width):
-                old = self.scale.get(key, self.scale[kind])
+            before = {key: self.scale.get(key, self.scale[kind]) for key in (kind, width)}
+            for key, old in before.items():
                 self.scale[key] = math.exp(0.8 * math.log(old) + 0.2 * math.log(ratio))
         self._seen.add(width)
         if width == 1:
