@@ -13,7 +13,9 @@ mlx_lm's prompt-cache helpers (save / load / trim) work on it unchanged. It
 - `verify`s a block with one target forward (split once where mlx_lm's KV
   quantization starts inside the block) and keeps a checkpoint;
 - `commit`s n tokens: every cache back to the last accepted position (rollback.py),
-  the accepted positions' tapped features queued for the draft's context.
+  the accepted positions' tapped features queued for the draft's context;
+- with static caches (`go_static`: dense targets, lengths on the device) runs a whole
+  cycle as one compiled graph (`compile_static`), queued before the host reads the last.
 
 Invariant between calls: the target caches hold the tokens fed so far and the draft
 caches the tapped context of exactly those positions.
