@@ -21,9 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 H, VOCAB, N_TAPS = 32, 64, 2
 
 
-def tiny_draft(block_size=4, layer_types=None, window=None, seed=0) -> DraftModel:
+def tiny_config(block_size=4, layer_types=None, window=None, dflash2=False) -> DraftConfig:
+    """A 2-layer draft of width H over a 3-layer target (DFlash, or DFlash 2)."""
     raw = {
-        "architectures": ["DFlashDraftModel"],
+        "architectures": ["DFlash2DraftModel" if dflash2 else "DFlashDraftModel"],
         "block_size": block_size,
         "dflash_config": {"mask_token_id": VOCAB - 1, "target_layer_ids": [0, 1]},
         "num_target_layers": 3,
@@ -36,15 +37,36 @@ def tiny_draft(block_size=4, layer_types=None, window=None, seed=0) -> DraftMode
         "vocab_size": VOCAB,
         "rope_theta": 10000.0,
     }
+    if dflash2:
+        raw["dflash_config"].update(
+            conv_kernel_size=3, conv_group_size=8, selector_rank=8, selector_top_k=6
+        )
     if layer_types:
         raw["layer_types"] = layer_types
         raw["sliding_window"] = window
+    return DraftConfig.from_dict(raw)
+
+
+def tiny_draft(block_size=4, layer_types=None, window=None, seed=0) -> DraftModel:
     mx.random.seed(seed)
-    draft = DraftModel(DraftConfig.from_dict(raw))
+    draft = DraftModel(tiny_config(block_size, layer_types, window))
     embed = nn.Embedding(VOCAB, H)
     draft.bind_head(embed, embed.as_linear)
     mx.eval(draft.parameters(), embed.parameters())
     return draft
+
+
+def train_steps(draft, loss_fn, steps: int) -> list[float]:
+    """AdamW (lr 3e-3) on loss_fn(draft)[0]; the loss of every step."""
+    opt = optim.AdamW(3e-3)
+    vg = nn.value_and_grad(draft, loss_fn)
+    losses = []
+    for _ in range(steps):
+        (loss, _, _), grads = vg(draft)
+        opt.update(draft, grads)
+        mx.eval(draft.parameters(), opt.state)
+        losses.append(loss.item())
+    return losses
 
 
 def test_block_mask_sees_only_own_block_and_earlier_context():
@@ -122,14 +144,7 @@ def test_few_steps_reduce_loss():
     def loss_fn(model):
         return block_loss(model, tokens, lengths, context, anchors, valid, weights)
 
-    opt = optim.AdamW(3e-3)
-    vg = nn.value_and_grad(draft, loss_fn)
-    losses = []
-    for _ in range(15):
-        (loss, _, _), grads = vg(draft)
-        opt.update(draft, grads)
-        mx.eval(draft.parameters(), opt.state)
-        losses.append(loss.item())
+    losses = train_steps(draft, loss_fn, 15)
     assert losses[-1] < 0.7 * losses[0], losses
 
 

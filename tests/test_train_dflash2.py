@@ -9,11 +9,12 @@ mlx_lm's own greedy decoding.
 import json
 
 import mlx.core as mx
-import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx import nn
 from mlx.utils import tree_flatten
+from test_train import N_TAPS, VOCAB, H, train_steps
+from test_train import tiny_config as shared_tiny_config
 
 from dflash_mlx import load_draft
 from dflash_mlx.config import DraftConfig
@@ -28,32 +29,9 @@ from dflash_mlx.train import (
     selector_scores,
 )
 
-H, VOCAB, N_TAPS = 32, 64, 2
-
 
 def tiny_config(block_size=4, layer_types=None, window=None, dflash2=True) -> DraftConfig:
-    raw = {
-        "architectures": ["DFlash2DraftModel" if dflash2 else "DFlashDraftModel"],
-        "block_size": block_size,
-        "dflash_config": {"mask_token_id": VOCAB - 1, "target_layer_ids": [0, 1]},
-        "num_target_layers": 3,
-        "hidden_size": H,
-        "intermediate_size": 2 * H,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 8,
-        "vocab_size": VOCAB,
-        "rope_theta": 10000.0,
-    }
-    if dflash2:
-        raw["dflash_config"].update(
-            conv_kernel_size=3, conv_group_size=8, selector_rank=8, selector_top_k=6
-        )
-    if layer_types:
-        raw["layer_types"] = layer_types
-        raw["sliding_window"] = window
-    return DraftConfig.from_dict(raw)
+    return shared_tiny_config(block_size, layer_types, window, dflash2)
 
 
 def bound(draft, seed=5):
@@ -181,14 +159,7 @@ def test_few_steps_reduce_the_loss_and_train_the_selector():
 
     # The selector's cross-entropy is part of the loss (positive: k > 1 candidates).
     assert loss_fn(draft)[0].item() > loss_fn(draft, 0.0)[0].item()
-    opt = optim.AdamW(3e-3)
-    vg = nn.value_and_grad(draft, loss_fn)
-    losses = []
-    for _ in range(15):
-        (loss, _, _), grads = vg(draft)
-        opt.update(draft, grads)
-        mx.eval(draft.parameters(), opt.state)
-        losses.append(loss.item())
+    losses = train_steps(draft, loss_fn, 15)
     assert losses[-1] < 0.7 * losses[0], losses
     sel = draft.candidate_selector
     assert mx.abs(sel.successor_codebook).max().item() > 0  # learned from zero
