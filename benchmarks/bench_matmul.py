@@ -36,6 +36,9 @@ from dflash_mlx.kernels import matmul
 L2_BYTES = 50 * 2**20
 SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (12288, 4096), "down": (4096, 12288)}
 LAYER = ["q/o", "k/v", "k/v", "q/o", "gate/up", "gate/up", "down"]  # q k v o gate up down
+# The same layer with q/k/v and gate/up each one matrix (one launch, N summed): stock only.
+FUSED = {"qkv": (6144, 4096), "gate+up": (24576, 4096), **SHAPES}
+LAYER_FUSED = ["qkv", "q/o", "gate+up", "down"]
 ROWS = (1, 4, 8, 16, 32)
 KINDS = {"bf16": (mx.bfloat16, 0, 0), "q4g64": (mx.bfloat16, 4, 64)}
 TOL = 1e-2  # relative error vs the fp32 product on the CPU (bf16 output rounding: ~2e-3)
@@ -148,14 +151,20 @@ def bench_shape(name, kind, m, sets, plan, n_calls):
     }
 
 
-def bench_layers(kind, rows, n_layers, repeats=5):
-    """36 layers' matmuls: 252 distinct weights, one evaluation per pass."""
+def bench_layers(kind, rows, n_layers, repeats=5, fused=False):
+    """36 layers' matmuls: 252 distinct weights, one evaluation per pass (with `fused`,
+    also the stock pass over 144 fused ones: q/k/v and gate/up each one matrix)."""
     dtype, bits, gs = KINDS[kind]
     weights = []
     for _ in range(n_layers):
         for name in LAYER:
             n, k = SHAPES[name]
             weights.append((name, make_weights(n, k, dtype, bits, gs, 1)[0]))
+    fused_weights = []
+    for _ in range(n_layers if fused else 0):
+        for name in LAYER_FUSED:
+            n, k = FUSED[name]
+            fused_weights.append((name, make_weights(n, k, dtype, bits, gs, 1)[0]))
     plans = {
         (name, m): matmul.make_plan("cuda", *SHAPES[name], bits, dtype.size, m=m)
         for name in SHAPES
@@ -169,9 +178,9 @@ def bench_layers(kind, rows, n_layers, repeats=5):
 
     def run(m, path):
         ys = []
-        for name, w in weights:
-            x = xs[(m, SHAPES[name][1])]
-            if path == "stock":
+        for name, w in fused_weights if path == "fused" else weights:
+            x = xs[(m, FUSED[name][1])]
+            if path in ("stock", "fused"):
                 ys.append(stock(x, w, bits, gs))
             else:
                 ys.append(kernel(x, w, bits, gs, plans[(name, m)]))
@@ -179,7 +188,7 @@ def bench_layers(kind, rows, n_layers, repeats=5):
 
     out = {}
     for m in rows:
-        for path in ("stock", "kernel"):
+        for path in ("stock", "kernel") + (("fused",) if fused else ()):
             mx.eval(run(m, path))
             mx.synchronize()
             samples = []
@@ -200,6 +209,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and calls (a smoke run)")
     ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--layers-only", action="store_true", help="only the layers' pass, + fused")
     args = ap.parse_args()
     if not mx.cuda.is_available():
         print("needs MLX's CUDA backend (on a Mac: python -m dflash_mlx.calibrate)")
@@ -229,7 +239,7 @@ def main() -> int:
     hdr = f"{'shape':8s} {'kind':6s} {'M':>3s} {'plan':>14s} {'stock us':>9s} {'kernel us':>9s} {'x':>6s} {'TB/s':>5s}  check"
     print(hdr)
     for kind, (dtype, bits, gs) in KINDS.items():
-        for name in shapes:
+        for name in shapes if not args.layers_only else []:
             n, k = SHAPES[name]
             try:
                 sets = make_weights(
@@ -262,7 +272,7 @@ def main() -> int:
     print(f"\n{n_layers} layers' matmuls (7 per layer, distinct weights), ms per pass:")
     for kind in KINDS:
         try:
-            t = bench_layers(kind, (1, 16), n_layers)
+            t = bench_layers(kind, (1, 16), n_layers, fused=args.layers_only)
             t["kernel16_over_stock1"] = t["kernel_16_ms"] / t["stock_1_ms"]
             t["kernel16_over_kernel1"] = t["kernel_16_ms"] / t["kernel_1_ms"]
             t["stock16_over_stock1"] = t["stock_16_ms"] / t["stock_1_ms"]
@@ -271,7 +281,12 @@ def main() -> int:
                 f"  {kind}: stock 1 row {t['stock_1_ms']:.2f}, 16 rows {t['stock_16_ms']:.2f} | "
                 f"kernel 1 row {t['kernel_1_ms']:.2f}, 16 rows {t['kernel_16_ms']:.2f} | "
                 f"kernel16/stock1 {t['kernel16_over_stock1']:.2f} (target <= 1.1), "
-                f"kernel16/kernel1 {t['kernel16_over_kernel1']:.2f}",
+                f"kernel16/kernel1 {t['kernel16_over_kernel1']:.2f}"
+                + (
+                    f" | fused stock 1 row {t['fused_1_ms']:.2f}, 16 rows {t['fused_16_ms']:.2f}"
+                    if "fused_1_ms" in t
+                    else ""
+                ),
                 flush=True,
             )
         except Exception as e:  # noqa: BLE001
@@ -279,6 +294,9 @@ def main() -> int:
             results["errors"].append(f"layers {kind}: {type(e).__name__}: {e}")
         save()
 
+    if args.layers_only:
+        save()
+        return 0
     print("\ntiling variants at 16 rows (nw, rt row tiles, wk along K, unroll, nsplit):")
     # (nw, rt, wk, unroll, nsplit); None: the plan's choice. wk > 1: simdgroups along K
     # summed in threadgroup memory (fewer or no split-K sum passes).

@@ -1,0 +1,38 @@
+#!/bin/bash
+# Session 7's GPU calls (one H200), after the two-part MLX CUDA setup (shared/device/README.md):
+#   bash benchmarks/gpu_session7.sh profile   # kernels of a step, forwards, draft, cycle
+#   bash benchmarks/gpu_session7.sh auto      # bench_auto (issue 15's table) + matmul sweep
+# Logs go to $OUT.
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+step() {  # step SECONDS LOGNAME COMMAND...: timeout on the command itself, never stop
+  local limit=$1 name=$2
+  shift 2
+  echo "=== $* (limit ${limit}s)" | tee -a "$out/$name.log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >>"$out/$name.log" 2>&1
+  echo "=== exit $? after $((SECONDS - t0))s" | tee -a "$out/$name.log"
+  grep "^== " "$out/$name.log" | tail -14
+}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+case "$1" in
+profile)
+  step 200 profile_bf16 python3 benchmarks/profile_kernels.py --shape 8b --contexts 1024,16384 \
+    --static-max 32768 --general --json "$out/profile_bf16.json"
+  step 120 profile_q4 python3 benchmarks/profile_kernels.py --shape 8b --bits 4 --contexts 1024 \
+    --json "$out/profile_q4.json"
+  step 90 profile_demo python3 benchmarks/profile_kernels.py --model dflash_mlx/demo_pair/target \
+    --draft-model dflash_mlx/demo_pair/draft --contexts 1024,4096 --json "$out/profile_demo.json"
+  step 150 matmul_layers python3 benchmarks/bench_matmul.py --layers-only \
+    --json "$out/matmul_layers.json"
+  grep -A3 "layers' matmuls" "$out/matmul_layers.log"
+  ;;
+auto)
+  step 230 auto python3 benchmarks/bench_auto.py --contexts 128,1k,4k --n-prompts 4 \
+    --max-tokens 128 --repeats 2 --out "$out/auto_h200"
+  step 330 matmul python3 benchmarks/bench_matmul.py --json "$out/matmul_h200.json"
+  tail -40 "$out/matmul.log"
+  ;;
+esac
