@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cycles", type=int, default=24)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--static-max", type=int, default=None, help="this checkout's static limit")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     this = importlib.import_module("dflash_mlx")
@@ -85,6 +86,8 @@ def main() -> None:
     model, draft = build(args.shape, mx.bfloat16, args.block_size, bits=args.bits)
     other_draft = twin_draft(other, draft) if other else None
     session = sys.modules["dflash_mlx.session"].VerifySession
+    if args.static_max is not None:  # e.g. static caches at 16k for this checkout only
+        sys.modules["dflash_mlx.session"].STATIC_MAX_POSITIONS["cuda"] = args.static_max
     rows = []
     for ctx in [int(c) for c in args.contexts.split(",")]:
         prompt = mx.random.randint(0, 1000, (ctx,)).astype(mx.int32)

@@ -32,6 +32,7 @@ from mlx import nn
 from mlx_lm.models import cache as mlx_lm_cache
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
+from . import fuse
 from .drafter import DraftModel
 from .kernels import routing
 from .patch import Patches
@@ -188,6 +189,7 @@ class VerifySession:
         try:
             self.tap.install(self._patches)
             routing.install(self.model, self._patches)
+            fuse.install(self.model, self._patches)
         except BaseException:
             self._patches.restore()
             raise
@@ -509,12 +511,12 @@ class VerifySession:
 
 # Where static caches measured no slower than the general path (positions = prompt +
 # max_tokens), per backend. H200, MLX 0.32.4 CUDA, Qwen3-8B shape, bf16, one process
-# alternating both loops (benchmarks/ab_cycle.py; benchmarks/results/cycle_session4.md):
-# 15.0-16.9 vs 22.3 ms per cycle at 1k, 26.8 vs 28.8 at 4k, 29.3 vs 31.0 at 8k, but
-# 24-25.5 vs 15.4-19.7 at 16k: a write at a device-side offset costs more as the buffer
-# grows (0.17 vs 0.10 ms per 34 MB buffer, bench_slice_update.py), ~90 writes a cycle.
+# alternating the loops (benchmarks/ab_cycle.py; results/cycle_session7.md): at 16k
+# context (24,576-row buffers) the compiled static cycle took 15.5 / 17.4 ms against the
+# general path's 24.6 / 17.4 ms in two rounds, once the cache writes became scatters
+# (static_cache.py; before, 24-25.5 vs 15.4-19.7 ms). Longer: not measured, so not used.
 # Metal and the CPU: not measured, so not used.
-STATIC_MAX_POSITIONS: dict[str, int] = {"cuda": 8192}
+STATIC_MAX_POSITIONS: dict[str, int] = {"cuda": 24576}
 
 
 def _backend() -> str:

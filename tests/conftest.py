@@ -100,3 +100,18 @@ def gpu_like_block_costs(monkeypatch):
     monkeypatch.setattr(
         block_policy, "cached_costs", lambda model, draft, B: block_policy.Costs(dict(costs))
     )
+
+
+@pytest.fixture
+def fused_on_cpu(monkeypatch):
+    """Fused verify projections on the CPU too (fuse.py); yields the fused products'
+    input shapes as they are made."""
+    from dflash_mlx import fuse
+
+    monkeypatch.setattr(fuse, "BACKENDS", {"cpu"})
+    products = []
+    product = fuse.FusedGroup.product
+    monkeypatch.setattr(
+        fuse.FusedGroup, "product", lambda self, x: products.append(x.shape) or product(self, x)
+    )
+    return products

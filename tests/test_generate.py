@@ -8,6 +8,7 @@ from collections import Counter
 import mlx.core as mx
 import pytest
 from conftest import ROOT, write_random_draft
+from mlx import nn
 from mlx_lm import load as mlx_lm_load
 from mlx_lm import stream_generate as mlx_lm_stream_generate
 from mlx_lm.generate import generate_step
@@ -111,14 +112,38 @@ def test_greedy_equals_mlx_lm_with_oracle_draft(pairs, family):
     assert set(accepted[1:]) == set(range(B))
 
 
-@pytest.mark.parametrize("family, bits", [("qwen3", 4), ("qwen3_next", 8), ("gpt_oss", 4)])
-def test_quantized_target(pairs, family, bits):
+def oracle_run(pairs, family, bits, B=8):
+    """(model, draft dir, mlx_lm's tokens, DFlash's with an oracle draft of errors at
+    positions 2, 0, 5 and none)."""
     target_dir, draft_dir = pairs(family, quantize_bits=bits)
     model, _ = mlx_lm_load(str(target_dir))
-    B = 8
     expected = mlx_lm_greedy(model, PROMPT, N_TOKENS + B)
     draft = OracleDraft(load_draft(draft_dir).config, PROMPT + expected, [None, 2, 0, 5])
-    assert run_dflash(model, draft, PROMPT, N_TOKENS, block_size=B) == expected[:N_TOKENS]
+    return model, draft_dir, expected, run_dflash(model, draft, PROMPT, N_TOKENS, block_size=B)
+
+
+@pytest.mark.parametrize("family, bits", [("qwen3", 4), ("qwen3_next", 8), ("gpt_oss", 4)])
+def test_quantized_target(pairs, family, bits):
+    _, _, expected, out = oracle_run(pairs, family, bits)
+    assert out == expected[:N_TOKENS]
+
+
+@pytest.mark.parametrize(
+    "family, bits", [("llama", None), ("qwen2", None), ("qwen3", None), ("qwen3", 4)]
+)
+def test_greedy_equals_mlx_lm_with_fused_verify(pairs, fused_on_cpu, family, bits):
+    B = 8
+    # Host-scripted drafts with every accept length (eager cycles) ...
+    model, draft_dir, expected, out = oracle_run(pairs, family, bits, B)
+    assert out == expected[:N_TOKENS]
+    assert fused_on_cpu and all(shape[-2] == B for shape in fused_on_cpu)
+    # ... and the compiled static cycle.
+    fused_on_cpu.clear()
+    assert run_dflash(model, load_draft(draft_dir), PROMPT, N_TOKENS) == expected[:N_TOKENS]
+    assert fused_on_cpu  # traced once; the replays run the recorded graph
+    # Outside a session the model decodes as before, on the fused arrays' views.
+    assert mlx_lm_greedy(model, PROMPT, N_TOKENS + B) == expected
+    assert type(model.layers[0].self_attn.q_proj) in (nn.Linear, nn.QuantizedLinear)
 
 
 def mlx_lm_responses(model, tokenizer, prompt, **kw):

@@ -103,6 +103,10 @@ def install(model: nn.Module, patches: Patches) -> None:
         patches.route(module, _NAME, _make_router)
 
 
+def is_verifying() -> bool:
+    return _depth.get() > 0
+
+
 @contextmanager
 def verifying() -> Iterator[None]:
     """Inside this block (this thread / context only), verify-shaped calls use the kernel."""

@@ -1,0 +1,74 @@
+"""Fused verify projections (fuse.py): each part's columns, re-fused after new weights.
+Greedy output against mlx_lm's with fusion on: tests/test_generate.py."""
+
+import mlx.core as mx
+import pytest
+from mlx import nn
+
+from dflash_mlx import fuse
+from dflash_mlx.kernels import routing
+from dflash_mlx.patch import Patches
+
+
+def _linear(n, k, seed, bias=False):
+    layer = nn.Linear(k, n, bias=bias)
+    mx.random.seed(seed)
+    layer.update({"weight": mx.random.normal((n, k))})
+    if bias:
+        layer.update({"bias": mx.random.normal((n,))})
+    return layer
+
+
+class Block(nn.Module):
+    def __init__(self, bias):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (
+            _linear(n, 8, s, bias) for n, s in ((6, 0), (4, 1), (4, 2))
+        )
+
+
+class Layer(nn.Module):
+    def __init__(self, bias=False):
+        super().__init__()
+        self.self_attn = Block(bias)
+
+
+class Model(nn.Module):
+    def __init__(self, bias=False):
+        super().__init__()
+        self.layers = [Layer(bias)]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_parts_take_their_columns_and_fall_back_on_other_inputs(fused_on_cpu, bias):
+    model = Model(bias)
+    attn = model.layers[0].self_attn
+    x, other = mx.random.normal((1, 3, 8)), mx.random.normal((1, 3, 8))
+    with mx.stream(mx.cpu):
+        expected = [p(x) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        expected_other = attn.k_proj(other)
+    patches = Patches()
+    fuse.install(model, patches)
+    try:
+        with routing.verifying():
+            got = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), attn.k_proj(other)]
+        assert len(fused_on_cpu) == 2  # x (q, then k and v from it), then `other`
+        outside = attn.q_proj(x)  # not verifying: the part's own matmul
+        assert len(fused_on_cpu) == 2
+    finally:
+        patches.restore()
+    for a, b in zip(got[:3], expected, strict=True):
+        assert mx.allclose(a, b, atol=1e-5).item()
+    assert mx.allclose(got[3], expected_other, atol=1e-5).item()
+    assert mx.allclose(outside, expected[0], atol=1e-5).item()
+    assert type(attn.q_proj) is nn.Linear  # the hook is gone
+
+
+def test_new_weights_are_fused_again(fused_on_cpu):
+    model = Model()
+    attn = model.layers[0].self_attn
+    first = fuse.groups(model)[0]
+    assert fuse.groups(model)[0] is first  # made once
+    attn.k_proj.update({"weight": mx.zeros((4, 8))})  # e.g. load_weights
+    again = fuse.groups(model)[0]
+    assert again is not first and mx.array_equal(again.fused["weight"][6:10], mx.zeros((4, 8)))
