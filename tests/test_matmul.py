@@ -394,6 +394,51 @@ def test_failing_kernel_falls_back_with_one_warning(kind, monkeypatch):
     assert mx.array_equal(out, ref).item() and mx.array_equal(out2, ref).item()
 
 
+class _Layers(nn.Module):
+    """A target with one layer of two linear layers (target_layers reads .layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = [nn.Sequential(_linear("dense", bias=True), _linear("quant", bias=True))]
+
+
+def test_verify_linears_route_through_the_kernel(emu_dir, monkeypatch, tmp_path):
+    from dflash_mlx.kernels import routing
+    from dflash_mlx.patch import Patches
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no calibration file here
+    monkeypatch.setattr(matmul, "_checked", {})
+    model = _Layers()
+    dense, quant = model.layers[0].layers
+    x = mx.random.normal((1, 5, 64), key=mx.random.key(3)).astype(mx.bfloat16)
+    calls: list = []
+
+    def counting(*a):
+        calls.append(a[0])
+        return emulator.factory(emu_dir)(*a)
+
+    with matmul.use_backend("metal", counting):
+        monkeypatch.setenv(matmul.SWITCH_ENV, "auto")
+        assert routing.kernel_linears(model) == []  # no decision prefers it: no hooks
+        monkeypatch.setenv(matmul.SWITCH_ENV, "kernel")
+        assert {id(m) for m in routing.kernel_linears(model)} == {id(dense), id(quant)}
+        patches = Patches()
+        routing.install(model, patches)
+        try:
+            outside = dense(x)  # not verifying: the module's own matmul
+            assert not calls
+            with routing.verifying():
+                ys = [dense(x), quant(x)]
+            assert {"dflash_skinny_mm", "dflash_skinny_qmm"} <= set(calls)
+        finally:
+            patches.restore()
+    assert type(dense) is nn.Linear and type(quant) is nn.QuantizedLinear
+    for module, y in zip((dense, quant), ys, strict=True):
+        err = _rel_err(y, _module_reference(module, x))
+        assert err < TOL[mx.bfloat16], f"relative error {err:.2e}"
+    assert _rel_err(outside, _module_reference(dense, x)) < TOL[mx.bfloat16]
+
+
 def test_auto_mode_uses_the_kernel_only_where_measured(emu_dir, monkeypatch, tmp_path):
     monkeypatch.setenv(matmul.SWITCH_ENV, "auto")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no calibration file here

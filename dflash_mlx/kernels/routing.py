@@ -11,6 +11,12 @@ and the router sends verify-shaped calls made inside `verifying()` to the kernel
 and every other call to the original function, unchanged. `verifying()` is a context
 variable, so a plain mlx_lm call elsewhere (another thread, or outside the block)
 computes exactly what it always did. `verify_attention(model)` does both for one block.
+
+The target layers' linear layers whose shapes the skinny-matmul kernel may serve
+(`DFLASH_MATMUL=kernel`, or in auto mode where this machine's calibration or
+`matmul.MEASURED` prefers it at some verify width) are hooked the same way: inside
+`verifying()` they try `matmul.linear` (the kernel, or None for the stock op). Where no
+decision prefers the kernel nothing is hooked, so the stock path pays no Python per call.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from mlx_lm.models import base as _mlx_lm_base
 
 from ..patch import Patches, original_function
 from ..static_cache import StaticKVCache
+from ..tap import target_layers
+from . import matmul
 from .attention import kernel_attention
 from .source import MAX_QUERIES
 
@@ -98,9 +106,46 @@ def attention_modules(model: nn.Module) -> list[ModuleType]:
     return _modules_by_type[type(model)]
 
 
+def kernel_linears(model: nn.Module) -> list[nn.Module]:
+    """The target layers' Linear / QuantizedLinear modules the kernel may serve."""
+    mode = matmul.mode()
+    active = matmul.active_backend()
+    if mode == "stock" or active is None:
+        return []
+    out = []
+    for layer in target_layers(model):
+        for _, module in layer.named_modules():
+            if type(module) is nn.QuantizedLinear:
+                n, kw = module["weight"].shape
+                kind, k = (
+                    matmul.weight_kind(module["scales"].dtype, module.bits),
+                    kw * 32 // module.bits,
+                )
+            elif type(module) is nn.Linear:
+                (n, k), kind = module["weight"].shape, matmul.weight_kind(module["weight"].dtype)
+            else:
+                continue
+            widths = range(2, matmul.MAX_ROWS + 1)
+            if mode == "kernel" or any(
+                matmul.prefers_kernel(active[0], kind, m, n, k) for m in widths
+            ):
+                out.append(module)
+    return out
+
+
+def _linear_hook(call, module: nn.Module, x: mx.array) -> mx.array:
+    if _depth.get() > 0:
+        out = matmul.linear(module, x)
+        if out is not None:
+            return out
+    return call(module, x)
+
+
 def install(model: nn.Module, patches: Patches) -> None:
     for module in attention_modules(model):
         patches.route(module, _NAME, _make_router)
+    for module in kernel_linears(model):
+        patches.hook_call(module, _linear_hook)
 
 
 def is_verifying() -> bool:
