@@ -1,0 +1,113 @@
+"""Verify-width matmuls as a forward runs them: each layer's inputs depend on the last.
+
+    python benchmarks/bench_chain.py [--layers 36] [--rows 1,8,16] [--json F]
+
+`bench_matmul.py` evaluates many independent matmuls in one graph, which MLX's CUDA
+backend runs concurrently: throughput, not what a forward pays. Here each of 36
+Qwen3-8B-shaped layers computes q, k, v from its input, o from (q, k, v), gate and up
+from its input, down from gate * up, and the next input from their sum, so every matmul
+waits for the one before, as in a target forward (a few elementwise ops per layer, the
+same on every path). Paths: stock (mx.matmul / mx.quantized_matmul), the skinny kernel
+(DFLASH_MATMUL=kernel's `matmul.launch`, CUDA only), and stock with q/k/v and gate/up
+fused (fuse.py's layout). bf16 and 4-bit (group 64); ms per forward, median of repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_matmul import KINDS, kernel, make_weights, stock
+
+from dflash_mlx.kernels import matmul
+
+H, KV, FFN = 4096, 1024, 12288
+SHAPES = {"q": (H, H), "k": (KV, H), "v": (KV, H), "o": (H, H), "gate": (FFN, H), "up": (FFN, H)}
+SHAPES |= {"down": (H, FFN), "qkv": (H + 2 * KV, H), "gate_up": (2 * FFN, H)}
+
+
+def layer_weights(kind: str, fused: bool) -> dict:
+    dtype, bits, gs = KINDS[kind]
+    names = ["qkv", "o", "gate_up", "down"] if fused else ["q", "k", "v", "o", "gate", "up", "down"]
+    return {n: make_weights(*SHAPES[n], dtype, bits, gs, 1)[0] for n in names}
+
+
+def forward(x: mx.array, layers: list[dict], kind: str, path: str) -> mx.array:
+    _, bits, gs = KINDS[kind]
+    M = x.shape[0]
+    plans = {}
+
+    def mm(a, name, w):
+        if path != "kernel":
+            return stock(a, w, bits, gs)
+        key = (name, M)
+        if key not in plans:
+            plans[key] = matmul.make_plan("cuda", *SHAPES[name], bits, a.dtype.size, m=M)
+        return kernel(a, w, bits, gs, plans[key])
+
+    for w in layers:
+        if "qkv" in w:
+            qkv = mm(x, "qkv", w["qkv"])
+            q, k, v = qkv[:, :H], qkv[:, H : H + KV], qkv[:, H + KV :]
+            gu = mm(x, "gate_up", w["gate_up"])
+            g, u = gu[:, :FFN], gu[:, FFN:]
+        else:
+            q, k, v = mm(x, "q", w["q"]), mm(x, "k", w["k"]), mm(x, "v", w["v"])
+            g, u = mm(x, "gate", w["gate"]), mm(x, "up", w["up"])
+        attn = (q.reshape(M, H // KV, KV) * k[:, None] + v[:, None]).reshape(M, H)
+        x = x + mm(attn, "o", w["o"]) + mm(g * u, "down", w["down"])
+    return x
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=36)
+    p.add_argument("--rows", default="1,8,16")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    paths = ["stock", "fused"] + (["kernel"] if mx.cuda.is_available() else [])
+    rows = [int(r) for r in args.rows.split(",")]
+    results = {"mlx": mx.__version__, "device": str(mx.default_device()), "rows": []}
+    for kind in KINDS:
+        dtype = KINDS[kind][0]
+        weights = {
+            fused: [layer_weights(kind, fused) for _ in range(args.layers)]
+            for fused in (False, True)
+        }
+        for m in rows:
+            x = (mx.random.normal((m, H)) * 0.1).astype(dtype)
+            line = {}
+            for path in paths:
+                layers = weights[path == "fused"]
+                mx.eval(forward(x, layers, kind, path))  # warm-up: compile, allocate
+                times = []
+                for _ in range(args.repeats):
+                    out = forward(x, layers, kind, path)
+                    tic = time.perf_counter()
+                    mx.eval(out)
+                    times.append(time.perf_counter() - tic)
+                line[path] = 1e3 * statistics.median(times)
+                results["rows"].append({"kind": kind, "M": m, "path": path, "ms": line[path]})
+            print(
+                f"{kind:6s} M={m:2d}: " + " | ".join(f"{k} {v:7.2f} ms" for k, v in line.items()),
+                flush=True,
+            )
+        del weights
+        mx.clear_cache()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
