@@ -772,3 +772,59 @@ def test_static_cache_verify_runs_the_kernel_up_to_the_device_length(emu_dir, mo
     assert length.offset.item() == 45  # writing a block does not move the length
     err = (mx.linalg.norm(routed - stock) / mx.linalg.norm(stock)).item()
     assert err < 1e-5
+
+
+@pytest.mark.parametrize("sliding, window", [(False, None), (True, 6)])
+def test_draft_static_attention_runs_on_the_kernel(emu_dir, monkeypatch, sliding, window):
+    """A draft layer over static buffers gives what SDPA with the block mask over the
+    whole buffer gives: full-attention layers on the kernel (valid length on the device),
+    windowed ones on SDPA (the kernel's window with a device-side length gave zeros)."""
+    from dflash_mlx.config import DraftConfig
+    from dflash_mlx.drafter import Attention
+    from dflash_mlx.rope import make_rope
+    from dflash_mlx.static_cache import Length, StaticKVCache
+
+    monkeypatch.setenv(attention.SWITCH_ENV, "kernel")
+    config = DraftConfig.from_dict(
+        {
+            "architectures": ["DFlashDraftModel"],
+            "block_size": 16,
+            "dflash_config": {"mask_token_id": 63, "target_layer_ids": [0]},
+            "num_target_layers": 2,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+            "head_dim": 64,
+            "vocab_size": 64,
+            "rope_theta": 10000.0,
+            "layer_types": ["sliding_attention" if sliding else "full_attention"],
+            "sliding_window": window,
+        }
+    )
+    mx.random.seed(0)
+    attn = Attention(config, sliding)
+    rope = make_rope(config)
+    mx.eval(attn.parameters())
+    context = mx.random.normal((1, 24, 128))
+    block = mx.random.normal((1, 16, 128))
+
+    def run():
+        length = Length(0, 64)
+        cache = StaticKVCache(mx.zeros((1, 1, 64, 64)), mx.zeros((1, 1, 64, 64)), length)
+        attn.add_context(context, rope, cache)
+        length.set(mx.array(24))
+        return attn(block, rope, cache, None)
+
+    calls: list = []
+
+    def counting(*a):
+        calls.append(a[0])
+        return _emulated_factory("metal", emu_dir)(*a)
+
+    expected = run()  # the CPU: SDPA with the block mask
+    with attention.use_backend("metal", counting):
+        out = run()
+    assert ("dflash_block_attention" in calls) == (not sliding)
+    assert mx.allclose(out, expected, atol=1e-4).item()
