@@ -784,7 +784,6 @@ def test_draft_static_attention_runs_on_the_kernel(emu_dir, monkeypatch, sliding
     from dflash_mlx.rope import make_rope
     from dflash_mlx.static_cache import Length, StaticKVCache
 
-    monkeypatch.setenv(attention.SWITCH_ENV, "kernel")
     config = DraftConfig.from_dict(
         {
             "architectures": ["DFlashDraftModel"],
@@ -823,7 +822,9 @@ def test_draft_static_attention_runs_on_the_kernel(emu_dir, monkeypatch, sliding
         calls.append(a[0])
         return _emulated_factory("metal", emu_dir)(*a)
 
-    expected = run()  # the CPU: SDPA with the block mask
+    monkeypatch.setenv(attention.SWITCH_ENV, "sdpa")
+    expected = run()  # SDPA with the block mask
+    monkeypatch.setenv(attention.SWITCH_ENV, "kernel")
     with attention.use_backend("metal", counting):
         out = run()
     assert ("dflash_block_attention" in calls) == (not sliding)
