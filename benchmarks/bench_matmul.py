@@ -11,7 +11,9 @@ the issue's target being the 16-row pass <= 1.1x the 1-row pass; then a few tili
 variants at 16 rows. Every configuration is first checked against the fp32 product on
 the CPU (marked FAIL in the table and the JSON if it disagrees; the stock op's own
 error is recorded too); each time is the median of repeated evaluations of many calls,
-after a warm-up, with weights rotated through more memory than L2 holds. Exit status 1
+after a warm-up, with weights rotated through more memory than L2 holds. The matmuls
+of one evaluation are independent, and MLX's CUDA graph runs them concurrently: these
+are throughputs, not what a forward's sequential matmuls cost (bench_chain.py). Exit status 1
 if any check failed or any step raised (the rest still runs and is written).
 """
 

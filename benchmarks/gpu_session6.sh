@@ -6,18 +6,7 @@
 #   bash benchmarks/gpu_session6.sh auto      # --block-size auto on static caches vs off
 # Logs go to $OUT; WORK=/tmp/w persists between calls while the machine stays warm.
 set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-step() {  # step SECONDS LOGNAME COMMAND...: timeout on the command itself, never stop
-  local limit=$1 name=$2
-  shift 2
-  echo "=== $* (limit ${limit}s)" | tee -a "$out/$name.log"
-  local t0=$SECONDS
-  timeout "$limit" "$@" >>"$out/$name.log" 2>&1
-  echo "=== exit $? after $((SECONDS - t0))s" | tee -a "$out/$name.log"
-  tail -5 "$out/$name.log"
-}
+source benchmarks/gpu_step.sh
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 case "$1" in
 train | resume)

@@ -8,18 +8,8 @@
 #   mv .old/dflash_mlx .old/dflash_mlx_old
 # Logs go to $OUT.
 set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-step() {  # step SECONDS LOGNAME COMMAND...: timeout on the command itself, never stop
-  local limit=$1 name=$2
-  shift 2
-  echo "=== $* (limit ${limit}s)" | tee -a "$out/$name.log"
-  local t0=$SECONDS
-  timeout "$limit" "$@" >>"$out/$name.log" 2>&1
-  echo "=== exit $? after $((SECONDS - t0))s" | tee -a "$out/$name.log"
-  grep "^== " "$out/$name.log" | tail -14
-}
+source benchmarks/gpu_step.sh
+step_tail() { grep "^== " "$1" | tail -14; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 case "$1" in
 profile)

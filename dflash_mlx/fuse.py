@@ -1,11 +1,10 @@
 """One matmul for q/k/v and one for gate/up in the target's verify forward.
 
 A verify multiplies 2…32 rows by every weight of the target. At those widths the stock
-matmul is far from reading the weights once: on the H200 (MLX 0.32.4 CUDA, Qwen3-8B
-shapes, `benchmarks/bench_matmul.py --layers-only`) the 36 layers' seven matmuls took
-7.41 ms at 16 rows against 4.08 ms at one, and the same weights as four matmuls per
-layer (q|k|v and gate|up each one matrix: fewer, wider launches) 4.20 ms at 16 rows
-(4-bit: 4.82 vs 4.12 ms).
+matmul (cuBLAS, split-K) is far from reading the weights once; fewer, wider launches get
+closer: on the H200 (MLX 0.32.4 CUDA, Qwen3-8B shape, `benchmarks/profile_kernels.py`)
+the matmuls of a 1k-context cycle took 6.59 ms of device time fused against 8.33 ms
+unfused, a decode step's 5.36 (results/cycle_session7.md).
 
 `install(model, patches)` concatenates each layer's q/k/v (and gate/up) weights into one
 array, once per model, and points the parts' own weights at row slices of it: the
@@ -28,6 +27,7 @@ import mlx.core as mx
 from mlx import nn
 
 from .kernels import routing
+from .kernels.backend import gpu_backend
 from .patch import Patches
 from .tap import target_layers
 
@@ -116,9 +116,8 @@ def _fuse(parts: list[nn.Module]) -> FusedGroup:
 
 
 def enabled() -> bool:
-    if mx.default_device() != mx.gpu:
-        return "cpu" in BACKENDS
-    return ("metal" if mx.metal.is_available() else "cuda") in BACKENDS
+    active = gpu_backend()
+    return (active[0] if active else "cpu") in BACKENDS
 
 
 def groups(model: nn.Module) -> list[FusedGroup]:

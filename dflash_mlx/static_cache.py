@@ -3,12 +3,12 @@ knows how many tokens the previous one accepted.
 
 `StaticKVCache` holds keys/values preallocated to a capacity and writes a forward's
 keys/values at the sequence's `Length.offset` (an int32 device scalar) without moving
-it, as a scatter along the positions (`mx.put_along_axis`): MLX 0.32.4's CUDA
-`slice_update` at a device offset launches its copy over the whole buffer, which cost
-30 us per write at 3k positions and 156 us at 24k, 14.6 of a cycle's 26.3 device ms at
-16k context (H200, `benchmarks/profile_kernels.py`); the scatter's work is the block's; mlx_lm's attention code then reads the whole buffer, and
-`make_mask` hides what lies past each query's position (stale rows of rejected drafts
-included). One `Length` is shared by every target and draft cache of a sequence; the
+it, as a scatter along the positions (`mx.put_along_axis`, work the size of the block):
+MLX 0.32.4's CUDA `slice_update` at a device offset launches its copy over the whole
+buffer, 30 us per write at 3k positions and 156 us at 24k, 14.6 of a cycle's 26.3 device
+ms at 16k context (H200, `benchmarks/profile_kernels.py`). mlx_lm's attention code then
+reads the whole buffer, and `make_mask` hides what lies past each query's position
+(stale rows of rejected drafts included). One `Length` is shared by every target and draft cache of a sequence; the
 verify session advances it by the accepted count, on the device. A `StaticKVCache` is
 interchangeable with mlx_lm's `KVCache` for the models whose attention only reads
 `cache.offset` as a RoPE offset (llama, mistral, qwen2, qwen3, qwen3_moe).

@@ -509,6 +509,18 @@ def linear(module: nn.Module, x: mx.array) -> mx.array | None:
     return None
 
 
+def linear_spec(module: nn.Module) -> tuple[int, int, mx.Dtype, int, int] | None:
+    """(N, K, activation dtype, bits, group size) of an nn.Linear (bits 0) or affine
+    nn.QuantizedLinear, else None."""
+    if isinstance(module, nn.QuantizedLinear) and getattr(module, "mode", "affine") == "affine":
+        n, kw = module["weight"].shape
+        return n, kw * 32 // module.bits, module["scales"].dtype, module.bits, module.group_size
+    if isinstance(module, nn.Linear):
+        (n, k), dtype = module["weight"].shape, module["weight"].dtype
+        return n, k, dtype, 0, 0
+    return None
+
+
 def prepare(model: nn.Module, rows: tuple[int, ...] = (2, 9, 17, 25)) -> int:
     """Run the first-use self-checks for every linear layer of `model` now.
 
@@ -522,14 +534,10 @@ def prepare(model: nn.Module, rows: tuple[int, ...] = (2, 9, 17, 25)) -> int:
     backend, factory = active
     passed = 0
     for _, module in model.named_modules():
-        if isinstance(module, nn.QuantizedLinear) and getattr(module, "mode", "affine") == "affine":
-            n, kw = module["weight"].shape
-            dtype, bits, gs = module["scales"].dtype, module.bits, module.group_size
-            k = kw * 32 // bits
-        elif isinstance(module, nn.Linear):
-            (n, k), dtype, bits, gs = module["weight"].shape, module["weight"].dtype, 0, 0
-        else:
+        spec = linear_spec(module)
+        if spec is None:
             continue
+        n, k, dtype, bits, gs = spec
         if dtype not in _DTYPES or (bits and (bits not in BITS or gs not in GROUP_SIZES)):
             continue
         for m in rows:

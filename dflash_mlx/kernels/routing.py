@@ -106,8 +106,12 @@ def attention_modules(model: nn.Module) -> list[ModuleType]:
     return _modules_by_type[type(model)]
 
 
+def is_verifying() -> bool:
+    return _depth.get() > 0
+
+
 def kernel_linears(model: nn.Module) -> list[nn.Module]:
-    """The target layers' Linear / QuantizedLinear modules the kernel may serve."""
+    """The target layers' linear layers the kernel may serve at some verify width."""
     mode = matmul.mode()
     active = matmul.active_backend()
     if mode == "stock" or active is None:
@@ -115,16 +119,11 @@ def kernel_linears(model: nn.Module) -> list[nn.Module]:
     out = []
     for layer in target_layers(model):
         for _, module in layer.named_modules():
-            if type(module) is nn.QuantizedLinear:
-                n, kw = module["weight"].shape
-                kind, k = (
-                    matmul.weight_kind(module["scales"].dtype, module.bits),
-                    kw * 32 // module.bits,
-                )
-            elif type(module) is nn.Linear:
-                (n, k), kind = module["weight"].shape, matmul.weight_kind(module["weight"].dtype)
-            else:
+            spec = matmul.linear_spec(module)
+            if spec is None:
                 continue
+            n, k, dtype, bits, _ = spec
+            kind = matmul.weight_kind(dtype, bits)
             widths = range(2, matmul.MAX_ROWS + 1)
             if mode == "kernel" or any(
                 matmul.prefers_kernel(active[0], kind, m, n, k) for m in widths
@@ -134,7 +133,7 @@ def kernel_linears(model: nn.Module) -> list[nn.Module]:
 
 
 def _linear_hook(call, module: nn.Module, x: mx.array) -> mx.array:
-    if _depth.get() > 0:
+    if is_verifying():
         out = matmul.linear(module, x)
         if out is not None:
             return out
@@ -146,10 +145,6 @@ def install(model: nn.Module, patches: Patches) -> None:
         patches.route(module, _NAME, _make_router)
     for module in kernel_linears(model):
         patches.hook_call(module, _linear_hook)
-
-
-def is_verifying() -> bool:
-    return _depth.get() > 0
 
 
 @contextmanager
