@@ -1,6 +1,7 @@
 """Verify-width matmuls as a forward runs them: each layer's inputs depend on the last.
 
     python benchmarks/bench_chain.py [--layers 36] [--rows 1,8,16] [--json F]
+        [--kinds bf16,q4g64] [--variants "nsplit=1;nw=8,unroll=2"]
 
 `bench_matmul.py` evaluates many independent matmuls in one graph, which MLX's CUDA
 backend runs concurrently: throughput, not what a forward pays. Here each of 36
@@ -10,6 +11,8 @@ waits for the one before, as in a target forward (a few elementwise ops per laye
 same on every path). Paths: stock (mx.matmul / mx.quantized_matmul), the skinny kernel
 (DFLASH_MATMUL=kernel's `matmul.launch`, CUDA only), and stock with q/k/v and gate/up
 fused (fuse.py's layout). bf16 and 4-bit (group 64); ms per forward, median of repeats.
+--variants adds kernel paths whose plans take those `matmul.make_plan` overrides (on
+the fused layout: fewer, wider calls), to tune the kernel's tiling where it runs.
 """
 
 from __future__ import annotations
@@ -41,17 +44,20 @@ def layer_weights(kind: str, fused: bool) -> dict:
     return {n: make_weights(*SHAPES[n], dtype, bits, gs, 1)[0] for n in names}
 
 
-def forward(x: mx.array, layers: list[dict], kind: str, path: str) -> mx.array:
+def forward(
+    x: mx.array, layers: list[dict], kind: str, path: str, overrides: dict | None = None
+) -> mx.array:
     _, bits, gs = KINDS[kind]
     M = x.shape[0]
     plans = {}
 
     def mm(a, name, w):
-        if path != "kernel":
+        if not path.startswith("kernel"):
             return stock(a, w, bits, gs)
         key = (name, M)
         if key not in plans:
-            plans[key] = matmul.make_plan("cuda", *SHAPES[name], bits, a.dtype.size, m=M)
+            plan = matmul.make_plan("cuda", *SHAPES[name], bits, a.dtype.size, m=M, **overrides)
+            plans[key] = plan
         return kernel(a, w, bits, gs, plans[key])
 
     for w in layers:
@@ -74,11 +80,17 @@ def main() -> int:
     p.add_argument("--rows", default="1,8,16")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--json", type=Path)
+    p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--variants", default="", help="';'-separated make_plan overrides")
     args = p.parse_args()
-    paths = ["stock", "fused"] + (["kernel"] if mx.cuda.is_available() else [])
+    variants = {"kernel": {}}
+    for text in filter(None, args.variants.split(";")):
+        over = {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
+        variants[f"kernel[{text}]"] = over
+    paths = ["stock", "fused"] + (list(variants) if mx.cuda.is_available() else [])
     rows = [int(r) for r in args.rows.split(",")]
     results = {"mlx": mx.__version__, "device": str(mx.default_device()), "rows": []}
-    for kind in KINDS:
+    for kind in args.kinds.split(","):
         dtype = KINDS[kind][0]
         weights = {
             fused: [layer_weights(kind, fused) for _ in range(args.layers)]
@@ -88,20 +100,18 @@ def main() -> int:
             x = (mx.random.normal((m, H)) * 0.1).astype(dtype)
             line = {}
             for path in paths:
-                layers = weights[path == "fused"]
-                mx.eval(forward(x, layers, kind, path))  # warm-up: compile, allocate
+                layers = weights[path == "fused" or path.startswith("kernel[")]
+                over = variants.get(path)
+                mx.eval(forward(x, layers, kind, path, over))  # warm-up: compile, allocate
                 times = []
                 for _ in range(args.repeats):
-                    out = forward(x, layers, kind, path)
+                    out = forward(x, layers, kind, path, over)
                     tic = time.perf_counter()
                     mx.eval(out)
                     times.append(time.perf_counter() - tic)
                 line[path] = 1e3 * statistics.median(times)
                 results["rows"].append({"kind": kind, "M": m, "path": path, "ms": line[path]})
-            print(
-                f"{kind:6s} M={m:2d}: " + " | ".join(f"{k} {v:7.2f} ms" for k, v in line.items()),
-                flush=True,
-            )
+            print(f"{kind:6s} M={m:2d}: " + " | ".join(f"{k} {v:.2f} ms" for k, v in line.items()))
         del weights
         mx.clear_cache()
     if args.json:

@@ -63,8 +63,9 @@ class BlockPolicy(Protocol):
     def choose(self) -> int:
         """Width of the next cycle (1 … max_width)."""
 
-    def observe(self, width: int, accepted: int, seconds: float) -> None:
-        """A finished cycle: its width, accepted drafts and wall time (read to read)."""
+    def observe(self, width: int, accepted: int, seconds: float | None) -> None:
+        """A finished cycle: its width, accepted drafts and wall time (read to read;
+        None when the time includes a compile)."""
 
 
 @dataclass
@@ -76,7 +77,7 @@ class FixedPolicy:
     def choose(self) -> int:
         return self.max_width
 
-    def observe(self, width: int, accepted: int, seconds: float) -> None:
+    def observe(self, width: int, accepted: int, seconds: float | None) -> None:
         pass
 
 
@@ -255,8 +256,9 @@ class AutoPolicy:
         self.plain += 1
         return 1
 
-    def observe(self, width: int, accepted: int, seconds: float) -> None:
-        if self.timed and width in self._seen:  # a width's first cycle may compile it
+    def observe(self, width: int, accepted: int, seconds: float | None) -> None:
+        # A width's first cycle may compile it (the first use of a kernel, say).
+        if self.timed and seconds is not None and width in self._seen:
             kind = "step" if width == 1 else "cycle"
             ratio = min(max(seconds / self.costs.seconds[width], 0.25), 4.0)
             before = {key: self.scale.get(key, self.scale[kind]) for key in (kind, width)}
@@ -296,8 +298,8 @@ class ScriptPolicy:
         self._next += 1
         return width
 
-    def observe(self, width: int, accepted: int, seconds: float) -> None:
-        self.times.setdefault(width, []).append(seconds)
+    def observe(self, width: int, accepted: int, seconds: float | None) -> None:
+        self.times.setdefault(width, []).append(math.inf if seconds is None else seconds)
 
 
 def measure_costs(

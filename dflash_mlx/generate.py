@@ -208,7 +208,8 @@ def dflash_cycles(
         phases (on_phase evaluates inside) or a host-scripted draft runs it eagerly."""
         if on_phase or not draft.traceable:
             return lambda anchor: static_cycle(anchor, bs, compiled=False)
-        return session.compile_static(lambda anchor: static_cycle(anchor, bs, compiled=True))
+        what = (bs, sampling.key(), draft_window)
+        return session.compile_static(lambda a: static_cycle(a, bs, compiled=True), what)
 
     last: Cycle | None = None
     n_before = 0  # tokens emitted before `last`
@@ -242,7 +243,7 @@ def dflash_cycles(
                 bs = policy.choose()
                 if not static:
                     bs = min(bs, max_tokens - n_emitted - in_flight)
-                ready = []
+                ready, cold = [], False
                 if bs < 1:  # the queued steps end the generation
                     ready, queue = queue, []
                 elif bs == 1 and not static:
@@ -256,6 +257,7 @@ def dflash_cycles(
                         runners[bs] = static_runner(bs)
                     session.reserve(bs)
                     block, n_acc, nxt, logprobs = runners[bs](anchor)
+                    cold = getattr(runners[bs], "cold", False)
                     valid = 1
                 else:
                     block, n_acc, nxt, logprobs = drafting_cycle(anchor, bs)
@@ -284,7 +286,8 @@ def dflash_cycles(
                     if static or newest:
                         valid = a + 1
                     now = time.perf_counter()
-                    policy.observe(cycle.width, a, now - tick)
+                    # A gap that launched an eager or tracing call times no cycle.
+                    policy.observe(cycle.width, a, None if cold else now - tick)
                     tick = now
                     if on_phase and cycle.width > 1:
                         on_phase("accept_rollback", session.state_arrays())

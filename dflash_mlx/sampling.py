@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
@@ -35,6 +35,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temp == 0
+
+    def key(self) -> tuple:
+        """The settings as a hashable value (what a compiled cycle samples with)."""
+        return tuple(tuple(v) if isinstance(v, list) else v for v in astuple(self))
 
     def check(self, name: Callable[[str], str] = str) -> None:
         """The argument errors mlx_lm's sampler would raise, before any work; `name`

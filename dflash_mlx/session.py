@@ -24,11 +24,12 @@ caches the tapped context of exactly those positions.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 from mlx import nn
+from mlx.utils import tree_flatten
 from mlx_lm.models import cache as mlx_lm_cache
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
@@ -430,43 +431,33 @@ class VerifySession:
         self._features = self.tap.features()
         return logits
 
-    def compile_static(self, cycle: Callable[[mx.array], Any]) -> Callable[[mx.array], Any]:
+    def compile_static(self, cycle: Callable[[mx.array], Any], key: tuple) -> CompiledCycle:
         """`cycle(anchor)` (propose, verify, accept, commit on the static caches) as one
         mx.compile'd function, the caches' buffers and device length passed in and out
         as explicit state: after the first trace a call replays the recorded graph
         (no Python model code, elementwise chains fused). At each buffer size (growth)
         one call runs eagerly, then one traces. Host bookkeeping (`reserve`) stays
-        outside."""
-        caches = lambda: self.target_cache + self.draft_cache
+        outside. `key` names what the cycle computes besides the pair (width, sampling,
+        draft window): the compiled function is kept on the target for later
+        generations of the same pair, weights and kernel choices, since tracing one
+        costs more than a hundred of its cycles on a small pair."""
+        store = self.model.__dict__.setdefault("_dflash_compiled_cycles", {})
+        key = (key, id(self.draft), type(self), routing.choices(), fuse.enabled())
+        weights = _leaves(self.model) + _leaves(self.draft)
+        entry = store.get(key)
+        if entry is None or not entry.same_weights(weights):
+            entry = store[key] = CompiledCycle(weights)
+        entry.bound[:] = [self, cycle]
+        return entry
 
-        def state() -> list[mx.array]:
-            return [self.length.offset] + [a for c in caches() for a in (c.keys, c.values)]
+    def _static_state(self) -> list[mx.array]:
+        caches = self.target_cache + self.draft_cache
+        return [self.length.offset] + [a for c in caches for a in (c.keys, c.values)]
 
-        def set_state(arrays: list[mx.array]) -> None:
-            self.length.set(arrays[0])  # also drops masks made from the previous offset
-            for i, c in enumerate(caches()):
-                c.keys, c.values = arrays[1 + 2 * i], arrays[2 + 2 * i]
-
-        def pure(arrays: list[mx.array], anchor: mx.array):
-            set_state(arrays)
-            out = cycle(anchor)
-            return out, state()
-
-        # The sampler's random key is implicit state too: seeded runs repeat.
-        compiled = mx.compile(pure, inputs=mx.random.state, outputs=mx.random.state)
-        warm: set[int] = set()
-
-        def run(anchor: mx.array):
-            if self.length.capacity not in warm:
-                # Eagerly first at each buffer size: kernel self-checks and the small
-                # constant arrays they cache evaluate, which a trace may not.
-                warm.add(self.length.capacity)
-                return cycle(anchor)
-            out, arrays = compiled(state(), anchor)
-            set_state(arrays)
-            return out
-
-        return run
+    def _set_static_state(self, arrays: list[mx.array]) -> None:
+        self.length.set(arrays[0])  # also drops masks made from the previous offset
+        for i, c in enumerate(self.target_cache + self.draft_cache):
+            c.keys, c.values = arrays[1 + 2 * i], arrays[2 + 2 * i]
 
     def committed(self, n_keep: int) -> None:
         """The host has read a static cycle's accepted count: n_keep positions."""
@@ -516,6 +507,53 @@ class VerifySession:
 # general path's 24.6 / 17.4 ms in two rounds, once the cache writes became scatters
 # (static_cache.py; before, 24-25.5 vs 15.4-19.7 ms). Longer: not measured, so not used.
 # Metal and the CPU: not measured, so not used.
+def _leaves(module: nn.Module) -> list[mx.array]:
+    return [a for _, a in tree_flatten(module.parameters())]
+
+
+@dataclass
+class CompiledCycle:
+    """A static cycle compiled once and called as `cycle(anchor)`, for the session and
+    cycle function in `bound` (a later generation rebinds it: a re-trace at a new
+    buffer size traces those). `cold`: the last call ran eagerly or traced, so its time
+    is no cycle's cost."""
+
+    weights: list[mx.array]  # the arrays the trace captured (held: ids stay unique)
+    bound: list[Any] = field(default_factory=list)  # [session, cycle]
+    warm: set[int] = field(default_factory=set)  # buffer sizes run eagerly once
+    traced: set[int] = field(default_factory=set)  # ... and traced once
+    cold: bool = False
+
+    def __post_init__(self) -> None:
+        def pure(arrays: list[mx.array], anchor: mx.array):
+            session, cycle = self.bound
+            session._set_static_state(arrays)
+            out = cycle(anchor)
+            return out, session._static_state()
+
+        # The sampler's random key is implicit state too: seeded runs repeat.
+        self._compiled = mx.compile(pure, inputs=mx.random.state, outputs=mx.random.state)
+
+    def __call__(self, anchor: mx.array):
+        session, cycle = self.bound
+        capacity = session.length.capacity
+        self.cold = capacity not in self.traced
+        if capacity not in self.warm:
+            # Eagerly first at each buffer size: kernel self-checks and the small
+            # constant arrays they cache evaluate, which a trace may not.
+            self.warm.add(capacity)
+            return cycle(anchor)
+        self.traced.add(capacity)
+        out, arrays = self._compiled(session._static_state(), anchor)
+        session._set_static_state(arrays)
+        return out
+
+    def same_weights(self, weights: list[mx.array]) -> bool:
+        return len(weights) == len(self.weights) and all(
+            a is b for a, b in zip(weights, self.weights, strict=True)
+        )
+
+
 STATIC_MAX_POSITIONS: dict[str, int] = {"cuda": 24576}
 
 

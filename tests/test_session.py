@@ -10,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import write_random_draft
+from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_lm_load
 from mlx_lm import stream_generate as mlx_lm_stream_generate
 from mlx_lm.generate import generate_step
@@ -377,8 +378,9 @@ class DeviceOracleDraft(OracleDraft):
 
 def test_compiled_static_cycle_equals_mlx_lm(pair):
     """Static caches run the whole cycle as one compiled graph: the draft's Python forward
-    runs only for the first (eager) call and the trace, yet every accept length occurs and the tokens are
-    mlx_lm's; a seeded sampled run repeats exactly."""
+    runs only for the first (eager) call and the trace, yet every accept length occurs
+    and the tokens are mlx_lm's. The next generation replays that trace (no Python
+    forward at all) and gets them again; a seeded sampled run repeats exactly."""
     model, _, draft = pair("qwen3")
     expected = mlx_lm_tokens(model, PROMPT, 200)
     # errors keyed by position (17 of them): this pattern meets every accept length.
@@ -391,7 +393,7 @@ def test_compiled_static_cycle_equals_mlx_lm(pair):
         accepted.append(cycle.accepted)
     got = dflash_tokens(model, oracle, PROMPT, 200, block_size=8)
     assert got == expected
-    assert len(accepted) > 30 and oracle.forwards == 4  # per run: one eager call, one trace
+    assert len(accepted) > 30 and oracle.forwards == 2  # one eager call, one trace
     assert set(accepted[1:]) == set(range(8))
     sampled = []
     for _ in range(2):
@@ -400,6 +402,24 @@ def test_compiled_static_cycle_equals_mlx_lm(pair):
             dflash_tokens(model, draft, PROMPT, 40, block_size=4, sampling=SamplingParams(0.8))
         )
     assert sampled[0] == sampled[1]
+
+
+def test_compiled_cycle_is_traced_again_for_new_weights(pair):
+    """The compiled cycle kept on the target serves its next generations only while
+    the weights are the ones it captured: after the target loads others, the tokens
+    are mlx_lm's for those (a stale graph would give the old model's)."""
+    model, _, draft = pair("qwen3")
+    before = mlx_lm_tokens(model, PROMPT, 40)
+    assert dflash_tokens(model, draft, PROMPT, 40, block_size=8) == before
+    saved = tree_flatten(model.parameters())
+    try:
+        mlp = model.model.layers[0].mlp
+        mlp.down_proj.weight = mlp.down_proj.weight * 3.0
+        after = mlx_lm_tokens(model, PROMPT, 40)
+        assert after != before
+        assert dflash_tokens(model, draft, PROMPT, 40, block_size=8) == after
+    finally:
+        model.load_weights(saved)
 
 
 def test_static_buffers_grow_losslessly(pair, monkeypatch):

@@ -34,7 +34,7 @@ from mlx_lm.models import base as _mlx_lm_base
 from ..patch import Patches, original_function
 from ..static_cache import StaticKVCache
 from ..tap import target_layers
-from . import matmul
+from . import attention, matmul
 from .attention import kernel_attention
 from .source import MAX_QUERIES
 
@@ -108,6 +108,12 @@ def attention_modules(model: nn.Module) -> list[ModuleType]:
 
 def is_verifying() -> bool:
     return _depth.get() > 0
+
+
+def choices() -> tuple:
+    """What the verify kernels would run on now (switches and backends): a graph traced
+    under other choices goes on computing with those."""
+    return (matmul.mode(), attention.mode(), matmul.active_backend(), attention.active_backend())
 
 
 def kernel_linears(model: nn.Module) -> list[nn.Module]:
