@@ -9,10 +9,11 @@ Qwen3-8B-shaped layers computes q, k, v from its input, o from (q, k, v), gate a
 from its input, down from gate * up, and the next input from their sum, so every matmul
 waits for the one before, as in a target forward (a few elementwise ops per layer, the
 same on every path). Paths: stock (mx.matmul / mx.quantized_matmul), the skinny kernel
-(DFLASH_MATMUL=kernel's `matmul.launch`, CUDA only), and stock with q/k/v and gate/up
-fused (fuse.py's layout). bf16 and 4-bit (group 64); ms per forward, median of repeats.
---variants adds kernel paths whose plans take those `matmul.make_plan` overrides (on
-the fused layout: fewer, wider calls), to tune the kernel's tiling where it runs.
+(DFLASH_MATMUL=kernel's `matmul.launch`, CUDA only), and both with q/k/v and gate/up
+fused (fuse.py's layout: `fused`, `fused-kernel`, what a verify runs). Kinds: bf16, and
+qBgG for B-bit weights in groups of G (default bf16 and q4g64); ms per forward, median
+of repeats. --variants adds fused-kernel paths whose plans take those
+`matmul.make_plan` overrides, to tune the kernel's tiling where it runs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_matmul import KINDS, kernel, make_weights, stock
+from bench_matmul import kernel, make_weights, stock
 
 from dflash_mlx.kernels import matmul
 
@@ -38,8 +39,16 @@ SHAPES = {"q": (H, H), "k": (KV, H), "v": (KV, H), "o": (H, H), "gate": (FFN, H)
 SHAPES |= {"down": (H, FFN), "qkv": (H + 2 * KV, H), "gate_up": (2 * FFN, H)}
 
 
+def kind_spec(kind: str) -> tuple[mx.Dtype, int, int]:
+    """(activation dtype, bits, group size) of 'bf16' or 'q4g64'-style names."""
+    if kind == "bf16":
+        return mx.bfloat16, 0, 0
+    bits, gs = kind[1:].split("g")
+    return mx.bfloat16, int(bits), int(gs)
+
+
 def layer_weights(kind: str, fused: bool) -> dict:
-    dtype, bits, gs = KINDS[kind]
+    dtype, bits, gs = kind_spec(kind)
     names = ["qkv", "o", "gate_up", "down"] if fused else ["q", "k", "v", "o", "gate", "up", "down"]
     return {n: make_weights(*SHAPES[n], dtype, bits, gs, 1)[0] for n in names}
 
@@ -47,12 +56,12 @@ def layer_weights(kind: str, fused: bool) -> dict:
 def forward(
     x: mx.array, layers: list[dict], kind: str, path: str, overrides: dict | None = None
 ) -> mx.array:
-    _, bits, gs = KINDS[kind]
+    _, bits, gs = kind_spec(kind)
     M = x.shape[0]
     plans = {}
 
     def mm(a, name, w):
-        if not path.startswith("kernel"):
+        if "kernel" not in path:
             return stock(a, w, bits, gs)
         key = (name, M)
         if key not in plans:
@@ -80,18 +89,18 @@ def main() -> int:
     p.add_argument("--rows", default="1,8,16")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--json", type=Path)
-    p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--kinds", default="bf16,q4g64")
     p.add_argument("--variants", default="", help="';'-separated make_plan overrides")
     args = p.parse_args()
-    variants = {"kernel": {}}
+    variants = {"kernel": {}, "fused-kernel": {}}
     for text in filter(None, args.variants.split(";")):
         over = {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
-        variants[f"kernel[{text}]"] = over
+        variants[f"fused-kernel[{text}]"] = over
     paths = ["stock", "fused"] + (list(variants) if mx.cuda.is_available() else [])
     rows = [int(r) for r in args.rows.split(",")]
     results = {"mlx": mx.__version__, "device": str(mx.default_device()), "rows": []}
     for kind in args.kinds.split(","):
-        dtype = KINDS[kind][0]
+        dtype = kind_spec(kind)[0]
         weights = {
             fused: [layer_weights(kind, fused) for _ in range(args.layers)]
             for fused in (False, True)
@@ -100,7 +109,7 @@ def main() -> int:
             x = (mx.random.normal((m, H)) * 0.1).astype(dtype)
             line = {}
             for path in paths:
-                layers = weights[path == "fused" or path.startswith("kernel[")]
+                layers = weights[path.startswith("fused")]
                 over = variants.get(path)
                 mx.eval(forward(x, layers, kind, path, over))  # warm-up: compile, allocate
                 times = []

@@ -3,6 +3,9 @@
 #   bash benchmarks/gpu_session8.sh chain     # sequential matmul chain + profiles after the draft change
 #   bash benchmarks/gpu_session8.sh sweep     # attention and matmul kernel tilings, in-forward
 #   bash benchmarks/gpu_session8.sh auto      # bench_auto (issue 15's table) + demo end to end
+#   bash benchmarks/gpu_session8.sh q4        # 4-bit: chain by width, A/B vs 9bf88e5, cycle table
+#   bash benchmarks/gpu_session8.sh cycle     # bf16 cycle table (issue 17's columns), 4-bit profile
+# q4 needs the package as of 9bf88e5 beside this one (.old/dflash_mlx_old, see gpu_session7.sh).
 # Logs go to $OUT.
 set -u
 source benchmarks/gpu_step.sh
@@ -24,6 +27,22 @@ sweep)
   step 240 sweep_chain python3 benchmarks/bench_chain.py --rows 4,16 \
     --variants "nsplit=1;nw=8;nw=2;unroll=8;unroll=2;wk=2;rt=1;rt=2" --json "$out/sweep_chain.json"
   tail -6 "$out/sweep_chain.log"
+  ;;
+q4)
+  step 130 chain_q4 python3 benchmarks/bench_chain.py --kinds q4g64 --rows 1,2,3,4,8,16,24,32 \
+    --json "$out/chain_q4.json"
+  grep "M=" "$out/chain_q4.log"
+  PYTHONPATH=$PYTHONPATH:$PWD/.old step 150 ab_q4 python3 benchmarks/ab_cycle.py \
+    --other dflash_mlx_old --shape 8b --bits 4 --contexts 1024,16384 --rounds 2 --static-max 32768 \
+    --json "$out/ab_q4.json"
+  grep "round" "$out/ab_q4.log"
+  ;;
+cycle)
+  step 200 cycle_q4 python3 benchmarks/bench_cycle.py --shapes 8b --bits 4 --contexts 1024,8192,16384 \
+    --out "$out/cycle_q4.json"
+  step 200 cycle_bf16 python3 benchmarks/bench_cycle.py --shapes 8b --contexts 1024,8192,16384 \
+    --out "$out/cycle_bf16.json"
+  grep "ctx" "$out/cycle_q4.log" "$out/cycle_bf16.log"
   ;;
 auto)
   step 300 auto python3 benchmarks/bench_auto.py --contexts 128,1k,4k --n-prompts 4 \

@@ -94,16 +94,20 @@ class Attention(nn.Module):
         # The next add_context overwrites them with the committed positions.
         k, v = cache.update_and_fetch(rope(k, offset=start), v)
         if isinstance(cache, StaticKVCache):  # length on the device: masked, not sliced
-            # Full-attention layers: the kernel reads the valid length on the device, as
-            # the target's static verify does; SDPA with the mask over the whole buffer
-            # cost 549 us a layer at 16k context on the H200 (results/cycle_session7.md).
-            # (Windowed layers: the kernel's window with a device-side length is not
-            # right yet, tests/test_kernels.py.)
+            # The kernel reads the valid length on the device, as the target's static
+            # verify does; SDPA with the mask over the whole buffer cost 549 us a layer
+            # at 16k context on the H200 (results/cycle_session7.md).
             out = None
-            if context_window is None and self.window is None:
+            if context_window is None:
                 valid = cache.length.valid(L)
                 out = kernel_attention(
-                    q, k, v, scale=self.scale, causal=self.causal, valid_length=valid
+                    q,
+                    k,
+                    v,
+                    scale=self.scale,
+                    causal=self.causal,
+                    window=self.window,
+                    valid_length=valid,
                 )
             if out is None:
                 mask = cache.length.block_mask(L, self.causal, self.window, context_window)

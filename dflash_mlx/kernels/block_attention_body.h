@@ -20,11 +20,14 @@ const int Lq = params[0];
 const int G = params[1];
 const int S = params[2];
 const int Hkv = params[3];
-const int kv_lo = params[4];
 const int split_len = params[5];
 const int nsplit = params[6];
 const int causal = params[7];
 const int window = params[8];  // 0: none
+// First key any query can see. Computed from S here, not taken from the host (params[4]
+// is its value for the buffer's length): with a device-side key count (static caches)
+// the window moves with S, and a host value would put every key before it out of range.
+const int kv_lo = window > 0 && S - Lq - window + 1 > 0 ? S - Lq - window + 1 : 0;
 const float scale_log2 = fparams[0];
 
 constexpr int VEC = int(16 / sizeof(T));  // elements per 16-byte copy

@@ -283,10 +283,11 @@ def _template(dtype, bits, group_size, mf, plan, split, has_bias) -> list:
 # ------------------------------------------------------------------ routing
 
 # Where the kernel measured faster than the stock op without a calibration file, per
-# backend: {(kind, m_min, m_max)} with kind a dtype name ("bfloat16") or "q4" / "q8".
-# Empty until measured (benchmarks/bench_matmul.py prints candidate entries); a
-# calibration of this machine (dflash_mlx.calibrate) takes precedence.
-MEASURED: dict[str, set[tuple[str, int, int]]] = {"cuda": set(), "metal": set()}
+# backend: {(kind, m_min, m_max)} with kind a dtype name ("bfloat16") or "q4" / "q8"; a
+# calibration of this machine (dflash_mlx.calibrate) takes precedence. CUDA q4: a
+# 36-layer chain of Qwen3-8B-shaped fused verify matmuls on the H200, kernel vs
+# mx.quantized_matmul (`benchmarks/bench_chain.py`, results/cycle_session8.md).
+MEASURED: dict[str, set[tuple[str, int, int]]] = {"cuda": {("q4", 2, 32)}, "metal": set()}
 
 
 def weight_kind(dtype: mx.Dtype, bits: int = 0) -> str:
