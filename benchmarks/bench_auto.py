@@ -6,10 +6,10 @@
 Prompts: the trailing N tokens of each held-out long text (the demo pair's
 `eval_long.jsonl`, or --prompts FILE with {"prompt": text} lines), for each context N.
 Every method decodes the same prompts greedily after one warm-up run per context (first
-use of a shape compiles kernels; auto measures its costs once, outside the timing), and
-with --repeats N all prompts N times, keeping the last.
+use of a shape compiles kernels; auto measures its costs once, outside the timing), then
+--repeats rounds over all prompts, the methods interleaved prompt by prompt.
 tok/s is generation tokens over generation time (prefill excluded), as mlx_lm reports
-it, median over prompts; tau is tokens per target forward (plain steps count as one).
+it, median over prompts and rounds; tau is tokens per target forward (plain steps count as one).
 The tokens of all three methods are compared: DFlash is lossless, so they must agree.
 """
 
@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats",
         type=int,
         default=1,
-        help="runs of each method over the prompts; the last is kept (on a GPU, 2: cuDNN "
-        "builds a graph per key length, which a method running first would pay alone)",
+        help="timed rounds of every method over the prompts (all kept: median)",
     )
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
@@ -95,11 +94,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no prompt has {n_ctx} tokens; skipped", file=sys.stderr)
             continue
         row = {"context": n_ctx, "prompts": len(prompts)}
-        runs = {}
-        for name, run in methods.items():
-            run(prompts[0], 16)  # warm-up: kernels for this context; auto's costs
-            for _ in range(args.repeats):
-                runs[name] = [run(q, args.max_tokens) for q in prompts]
+        for run in methods.values():  # warm-up: kernels and traces for this context
+            run(prompts[0], args.max_tokens)
+        # Timed rounds interleave the methods prompt by prompt, in a rotating order, so
+        # that the machine's drift (tens of percent on the GPU machine) falls on all.
+        runs = {name: [] for name in methods}
+        names = list(methods)
+        for rep in range(args.repeats):
+            for i, q in enumerate(prompts):
+                shift = (rep + i) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    runs[name].append(methods[name](q, args.max_tokens))
         reference = [r["tokens"] for r in runs["mlx_lm"]]
         for name, results in runs.items():
             widths = Counter()
