@@ -14,12 +14,17 @@ parts are hooked (`patch.Patches.hook_call`): the first part called with an inpu
 computes the fused product, the others take their columns of it (a part called with a
 new input computes the product for that one).
 
+The draft's own q/k/v and gate/up fuse the same way while a session holds it, for inputs
+of at most 32 rows (its block; the accepted context rows of a cycle, but not a prompt's:
+there the fused product would compute queries nobody reads).
+
 Where it is on: backends where it measured faster (`BACKENDS`); the CPU tests force it.
 Metal is not measured, so it stays off there until it is.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,10 +144,11 @@ def enabled() -> bool:
     return (active[0] if active else "cpu") in BACKENDS
 
 
-def groups(model: nn.Module) -> list[FusedGroup]:
-    """The model's fused groups, made on first use (and again after new weights)."""
+def groups(model: nn.Module, layers: list[nn.Module] | None = None) -> list[FusedGroup]:
+    """The fused groups of `layers` (the target's by default), made on first use (and
+    again after new weights)."""
     out = []
-    for layer in target_layers(model):
+    for layer in target_layers(model) if layers is None else layers:
         for block_name, names in GROUPS:
             block = getattr(layer, block_name, None)
             parts = [getattr(block, n, None) for n in names] if block is not None else []
@@ -156,16 +162,27 @@ def groups(model: nn.Module) -> list[FusedGroup]:
     return out
 
 
-def install(model: nn.Module, patches: Patches) -> None:
-    """Inside `routing.verifying()`, the model's sibling projections run fused."""
+def install(
+    model: nn.Module,
+    patches: Patches,
+    layers: list[nn.Module] | None = None,
+    when: Callable[[mx.array], bool] = lambda x: routing.is_verifying(),
+) -> None:
+    """Where `when(x)` (the target: inside `routing.verifying()`), the sibling projections
+    of `layers` (the target's by default) run fused; `draft_rows` is the draft's."""
     if not enabled():
         return
-    for group in groups(model):
+    for group in groups(model, layers):
         for i, part in enumerate(group.parts):
 
             def hook(call, inst, x, group=group, i=i):
-                if routing.is_verifying():
+                if when(x):
                     return group.call(i, x)
                 return call(inst, x)
 
             patches.hook_call(part, hook)
+
+
+def draft_rows(x: mx.array) -> bool:
+    """A draft input to fuse: a block or a cycle's context rows, not a prompt's."""
+    return x.size <= matmul.MAX_ROWS * x.shape[-1]

@@ -191,6 +191,7 @@ class VerifySession:
             self.tap.install(self._patches)
             routing.install(self.model, self._patches)
             fuse.install(self.model, self._patches)
+            fuse.install(self.draft, self._patches, self.draft.layers, when=fuse.draft_rows)
         except BaseException:
             self._patches.restore()
             raise

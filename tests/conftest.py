@@ -104,14 +104,16 @@ def gpu_like_block_costs(monkeypatch):
 
 @pytest.fixture
 def fused_on_cpu(monkeypatch):
-    """Fused verify projections on the CPU too (fuse.py); yields the fused products'
-    input shapes as they are made."""
+    """Fused verify projections on the CPU too (fuse.py); yields (group, input shape) of
+    the fused products as they are made."""
     from dflash_mlx import fuse
 
     monkeypatch.setattr(fuse, "BACKENDS", {"cpu"})
     products = []
     product = fuse.FusedGroup.product
     monkeypatch.setattr(
-        fuse.FusedGroup, "product", lambda self, x: products.append(x.shape) or product(self, x)
+        fuse.FusedGroup,
+        "product",
+        lambda self, x: products.append((self, x.shape)) or product(self, x),
     )
     return products

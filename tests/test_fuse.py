@@ -125,3 +125,48 @@ def test_quantized_fused_product_takes_the_kernel_where_measured(
     for a, b in zip(got, expected, strict=True):
         err = (mx.linalg.norm(a.astype(mx.float32) - b) / mx.linalg.norm(b)).item()
         assert err < 1e-2, f"relative error {err:.2e}"
+
+
+def test_draft_fuses_its_block_and_cycle_context_but_not_a_prompt(fused_on_cpu):
+    """The draft's fused q/k/v and gate/up give its unfused hidden states, for a block
+    (embeddings given) after a prompt's context (unfused: 40 rows) and a cycle's (3)."""
+    from dflash_mlx.config import DraftConfig
+    from dflash_mlx.drafter import DraftModel
+
+    config = DraftConfig.from_dict(
+        {
+            "architectures": ["DFlashDraftModel"],
+            "block_size": 8,
+            "dflash_config": {"mask_token_id": 63, "target_layer_ids": [0, 1]},
+            "num_target_layers": 2,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "vocab_size": 64,
+            "rope_theta": 10000.0,
+        }
+    )
+    mx.random.seed(0)
+    draft = DraftModel(config)
+    mx.eval(draft.parameters())
+    prompt, cycle = mx.random.normal((1, 40, 128)), mx.random.normal((1, 3, 128))
+    block = mx.random.normal((1, 8, 64))
+
+    def hidden():
+        cache = draft.make_cache()
+        draft.add_context(prompt, cache)
+        return draft(block, cycle, cache)
+
+    expected = hidden()
+    patches = Patches()
+    fuse.install(draft, patches, draft.layers, when=fuse.draft_rows)
+    try:
+        got = hidden()
+    finally:
+        patches.restore()
+    rows = sorted({shape[-2] for _, shape in fused_on_cpu})
+    assert rows == [3, 8]  # the cycle's context and the block; the prompt's 40 rows not
+    assert mx.allclose(got, expected, atol=1e-5).item()

@@ -14,7 +14,7 @@ from mlx_lm import stream_generate as mlx_lm_stream_generate
 from mlx_lm.generate import generate_step
 from tiny_models import FAMILIES, make_target
 
-from dflash_mlx import load_draft
+from dflash_mlx import fuse, load_draft
 from dflash_mlx.convert import convert
 from dflash_mlx.drafter import DraftModel
 from dflash_mlx.generate import dflash_cycles, stream_generate
@@ -136,7 +136,13 @@ def test_greedy_equals_mlx_lm_with_fused_verify(pairs, fused_on_cpu, family, bit
     # Host-scripted drafts with every accept length (eager cycles) ...
     model, draft_dir, expected, out = oracle_run(pairs, family, bits, B)
     assert out == expected[:N_TOKENS]
-    assert fused_on_cpu and all(shape[-2] == B for shape in fused_on_cpu)
+    # The target's fused products are verify-width; the draft's are its blocks and its
+    # cycles' context rows (fuse.draft_rows), never the prompt's.
+    target = {id(g) for g in fuse.groups(model)}
+    owners = Counter(id(g) in target for g, _ in fused_on_cpu)
+    assert owners[True] and owners[False]
+    assert all(s[-2] == B for g, s in fused_on_cpu if id(g) in target)
+    assert all(s[-2] <= B for g, s in fused_on_cpu if id(g) not in target)
     # ... and the compiled static cycle.
     fused_on_cpu.clear()
     assert run_dflash(model, load_draft(draft_dir), PROMPT, N_TOKENS) == expected[:N_TOKENS]
