@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_session8.sh sweep     # attention and matmul kernel tilings, in-forward
 #   bash benchmarks/gpu_session8.sh auto      # bench_auto (issue 15's table) + demo end to end
 #   bash benchmarks/gpu_session8.sh q4        # 4-bit: chain by width, A/B vs 9bf88e5, cycle table
-#   bash benchmarks/gpu_session8.sh cycle     # bf16 cycle table (issue 17's columns), 4-bit profile
+#   bash benchmarks/gpu_session8.sh final     # profiles after the 4-bit and draft fusion changes, bench_auto
 # q4 needs the package as of 9bf88e5 beside this one (.old/dflash_mlx_old, see gpu_session7.sh).
 # Logs go to $OUT.
 set -u
@@ -29,7 +29,7 @@ sweep)
   tail -6 "$out/sweep_chain.log"
   ;;
 q4)
-  step 130 chain_q4 python3 benchmarks/bench_chain.py --kinds q4g64 --rows 1,2,3,4,8,16,24,32 \
+  step 130 chain_q4 python3 benchmarks/bench_chain.py --kinds q4g64 --rows 1,2,4,8,16,32 \
     --json "$out/chain_q4.json"
   grep "M=" "$out/chain_q4.log"
   PYTHONPATH=$PYTHONPATH:$PWD/.old step 150 ab_q4 python3 benchmarks/ab_cycle.py \
@@ -37,12 +37,14 @@ q4)
     --json "$out/ab_q4.json"
   grep "round" "$out/ab_q4.log"
   ;;
-cycle)
-  step 200 cycle_q4 python3 benchmarks/bench_cycle.py --shapes 8b --bits 4 --contexts 1024,8192,16384 \
-    --out "$out/cycle_q4.json"
-  step 200 cycle_bf16 python3 benchmarks/bench_cycle.py --shapes 8b --contexts 1024,8192,16384 \
-    --out "$out/cycle_bf16.json"
-  grep "ctx" "$out/cycle_q4.log" "$out/cycle_bf16.log"
+final)
+  step 90 profile_bf16_final python3 benchmarks/profile_kernels.py --shape 8b --contexts 1024 \
+    --json "$out/profile_bf16_final.json"
+  step 100 profile_q4_final python3 benchmarks/profile_kernels.py --shape 8b --bits 4 --contexts 1024 \
+    --json "$out/profile_q4_final.json"
+  step 200 auto_final python3 benchmarks/bench_auto.py --contexts 128,1k,4k --n-prompts 4 \
+    --max-tokens 128 --repeats 2 --out "$out/auto_h200_final"
+  tail -6 "$out/auto_final.log"
   ;;
 auto)
   step 300 auto python3 benchmarks/bench_auto.py --contexts 128,1k,4k --n-prompts 4 \

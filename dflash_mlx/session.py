@@ -445,9 +445,12 @@ class VerifySession:
         store = self.model.__dict__.setdefault("_dflash_compiled_cycles", {})
         key = (key, id(self.draft), type(self), routing.choices(), fuse.enabled())
         weights = _leaves(self.model) + _leaves(self.draft)
-        entry = store.get(key)
+        entry = store.pop(key, None)  # re-inserted last: the store is in order of use
         if entry is None or not entry.same_weights(weights):
-            entry = store[key] = CompiledCycle(weights)
+            entry = CompiledCycle(weights)
+            if len(store) >= MAX_COMPILED_CYCLES:  # a server's many sampling settings
+                del store[next(iter(store))]
+        store[key] = entry
         entry.bound[:] = [self, cycle]
         return entry
 
@@ -556,6 +559,7 @@ class CompiledCycle:
 
 
 STATIC_MAX_POSITIONS: dict[str, int] = {"cuda": 24576}
+MAX_COMPILED_CYCLES = 32  # kept per target, least recently used dropped first
 
 
 def _backend() -> str:

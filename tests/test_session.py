@@ -422,6 +422,19 @@ def test_compiled_cycle_is_traced_again_for_new_weights(pair):
         model.load_weights(saved)
 
 
+def test_compiled_cycles_kept_are_bounded(pair, monkeypatch):
+    """At most MAX_COMPILED_CYCLES compiled cycles stay on a target (a server sees many
+    sampling settings); one dropped is traced again when needed, losslessly."""
+    from dflash_mlx import session as session_module
+
+    model, _, draft = pair("qwen3")
+    monkeypatch.setattr(session_module, "MAX_COMPILED_CYCLES", 1)
+    expected = mlx_lm_tokens(model, PROMPT, 30)
+    for block_size in (8, 4, 8):
+        assert dflash_tokens(model, draft, PROMPT, 30, block_size=block_size) == expected
+        assert len(model.__dict__["_dflash_compiled_cycles"]) == 1
+
+
 def test_static_buffers_grow_losslessly(pair, monkeypatch):
     """Static caches grow (and the compiled cycle is traced again) when queued cycles
     would pass their capacity: buffers started at 256 rows grow to 384 within 330
