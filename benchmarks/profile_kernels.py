@@ -36,6 +36,7 @@ from bench_cycle import build
 
 from dflash_mlx import session
 from dflash_mlx.generate import dflash_cycles
+from dflash_mlx.kernels import routing
 from dflash_mlx.sampling import SamplingParams
 from dflash_mlx.session import VerifySession
 
@@ -186,6 +187,18 @@ def profile_context(model, draft, prompt, B: int, n: int, top: int, general: boo
 
         wall = timed(propose, n)
         rows.append(summarize("draft forward", kernel_events(propose, n), n, wall, top))
+
+        # The B-token forward again as a verify runs it (the session's hooks: fused
+        # projections, kernel routing), on the mlx_lm caches above.
+        def verify_forward(ids=prompt[None, -B:]):
+            with routing.verifying():
+                mx.eval(mx.argmax(model(ids, cache=cache), axis=-1))
+            for c in cache:
+                c.trim(B)
+
+        wall = timed(verify_forward, n)
+        events = kernel_events(verify_forward, n)
+        rows.append(summarize(f"verify forward {B}", events, n, wall, top))
 
     # One cycle of the production loop (the compiled static cycle where it applies) and,
     # with `general`, the same with static caches off.
