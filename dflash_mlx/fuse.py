@@ -33,7 +33,7 @@ from mlx import nn
 
 from .kernels import matmul, routing
 from .kernels.backend import gpu_backend
-from .patch import Patches
+from .patch import Patches, unhooked_type
 from .tap import target_layers
 
 BACKENDS = {"cuda"}  # measured: benchmarks/results/cycle_session7.md
@@ -110,9 +110,12 @@ class FusedGroup:
 
 
 def _fusable(parts: list[Any]) -> bool:
-    """Same layer kind, arrays, quantization, input width and dtype."""
-    kind = type(parts[0])
-    if kind not in (nn.Linear, nn.QuantizedLinear) or any(type(p) is not kind for p in parts):
+    """Same layer kind, arrays, quantization, input width and dtype (a part hooked
+    already, by the kernel routing, counts as its own class)."""
+    kind = unhooked_type(parts[0])
+    if kind not in (nn.Linear, nn.QuantizedLinear):
+        return False
+    if any(unhooked_type(p) is not kind for p in parts):
         return False
     spec = lambda p: (
         tuple(k for k in _ARRAYS if k in p),

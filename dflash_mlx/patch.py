@@ -42,6 +42,12 @@ def _hooked_class(cls: type) -> type:
     return _HOOKED_CLASSES[cls]
 
 
+def unhooked_type(instance: Any) -> type:
+    """The class of `instance` before any `hook_call` (hooking swaps in a subclass)."""
+    cls = type(instance)
+    return cls.__bases__[0] if _HOOKED_CLASSES.get(cls.__bases__[0]) is cls else cls
+
+
 def original_function(fn: Callable) -> Callable:
     """The function a route replaced (or `fn` itself)."""
     return getattr(fn, "__dflash_original__", fn)

@@ -77,9 +77,9 @@ def test_new_weights_are_fused_again(fused_on_cpu):
 def test_quantized_fused_product_takes_the_kernel_where_measured(
     fused_on_cpu, monkeypatch, tmp_path
 ):
-    """4-bit q/k/v fused: the emulated CUDA kernel computes the fused product (MEASURED
-    routes q4 verify widths to it) and each part gets what its own quantized matmul
-    gives."""
+    """4-bit q/k/v fused: the emulated CUDA kernel computes one fused product (MEASURED
+    routes q4 verify widths to it), also where the kernel routing hooked the parts
+    first, and each part gets what its own quantized matmul gives."""
     import sys
     from pathlib import Path
 
@@ -114,6 +114,10 @@ def test_quantized_fused_product_takes_the_kernel_where_measured(
     patches = Patches()
     with matmul.use_backend("cuda", counting):
         assert ("q4", 2, 32) in matmul.MEASURED["cuda"]
+        # As a session installs them: the routing hooks every q4 linear first (o_proj,
+        # down_proj), fusion wraps the parts it hooked.
+        routing.install(model, patches)
+        assert type(attn.q_proj) is not nn.QuantizedLinear
         fuse.install(model, patches)
         try:
             with routing.verifying():
