@@ -10,6 +10,9 @@ E(w) / C(w), each cycle:
   few seconds, cached under the user's cache directory beside the kernel calibration)
   and corrected on the fly by the cycles' own wall times, per width once it has run
   (context grows, machines vary);
+- E(w) is pulled toward the tokens this generation's cycles of width w really emitted
+  (decayed; the model weighs as REALIZED_WEIGHT cycles): acceptance comes in stretches,
+  which rates multiplied along the block underrate at widths drafted only now and then;
 - a_i are running rates of this generation (decayed counts), starting from a prior:
   the draft's own training result (`train_result.json`'s per-position acceptance, at
   the held-out length nearest this sequence's) when it has one. Positions not drafted
@@ -52,6 +55,7 @@ WARMUP, TIMED = 3, 5  # cycles per width: discarded (first use compiles), then t
 GENERIC_PRIOR = 0.8  # a_i for a draft without a training result
 PRIOR_STRENGTH = 8.0  # how many cycles' worth of evidence the prior weighs
 DECAY = 0.95  # per drafting cycle: older ones count less (acceptance moves with the text)
+REALIZED_WEIGHT = 2.0  # the model's E(w) counts as this many cycles against realized ones
 PROBE_AFTER = 4  # plain steps before the first probe, at least
 PROBE_BUDGET = 0.02  # a probe's expected loss, as a fraction of the plain steps before it
 WIDER_EVERY = 4  # drafting cycles below the block size between tries of a wider width
@@ -194,6 +198,8 @@ class AutoPolicy:
         self.costs = costs
         self.prior = list(rates[: self.max_width - 1])
         self.acceptance = Acceptance(list(self.prior))
+        # per drafting width: decayed (tokens emitted, cycles) of the cycles run at it
+        self.realized: dict[int, list[float]] = {}
         # measured / calibrated: per width once it has run, else per kind (step, cycle)
         self.scale: dict[int | str, float] = {"step": 1.0, "cycle": 1.0}
         self._seen: set[int] = set()
@@ -206,9 +212,22 @@ class AutoPolicy:
         kind = "step" if width == 1 else "cycle"
         return self.costs.seconds[width] * self.scale.get(width, self.scale[kind])
 
+    def expected(self, width: int, rates: list[float]) -> float:
+        """E(width): the rates' model, pulled toward the tokens cycles of this width
+        really emitted. Acceptance comes in stretches (a text is predictable for a while,
+        then not), which per-position rates multiplied along the block underrate at
+        widths drafted seldom (tried every WIDER_EVERY cycles)."""
+        model = expected_tokens(rates, width)
+        tokens, cycles = self.realized.get(width, (0.0, 0.0))
+        return (tokens + REALIZED_WEIGHT * model) / (cycles + REALIZED_WEIGHT)
+
     def best(self, widths: list[int], rates: list[float] | None = None) -> int:
-        rates = rates or self.acceptance.rates()
-        return max(widths, key=lambda w: expected_tokens(rates, w) / self.seconds(w))
+        """The width with the most expected tokens per second: this text's (blended with
+        its cycles so far), or at `rates` alone (the prior's, for probes)."""
+        if rates is not None:
+            return max(widths, key=lambda w: expected_tokens(rates, w) / self.seconds(w))
+        rates = self.acceptance.rates()
+        return max(widths, key=lambda w: self.expected(w, rates) / self.seconds(w))
 
     def probe_width(self) -> int:
         """Where to try drafting again: the best drafting width at the prior's rates."""
@@ -273,9 +292,16 @@ class AutoPolicy:
                 # It paid for itself: the text changed; judge it afresh from the prior.
                 self.failed_probes = 0
                 self.acceptance = Acceptance(list(self.prior))
+                self.realized = {}
             else:
                 self.failed_probes += 1
         self.acceptance.observe(width, accepted)
+        for stats in self.realized.values():
+            stats[0] *= self.acceptance.decay
+            stats[1] *= self.acceptance.decay
+        stats = self.realized.setdefault(width, [0.0, 0.0])
+        stats[0] += 1 + accepted
+        stats[1] += 1
 
 
 # -- measuring the costs, once per machine and pair ---------------------------------------
