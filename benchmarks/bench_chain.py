@@ -23,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -37,6 +38,24 @@ from dflash_mlx.kernels import matmul
 H, KV, FFN = 4096, 1024, 12288
 SHAPES = {"q": (H, H), "k": (KV, H), "v": (KV, H), "o": (H, H), "gate": (FFN, H), "up": (FFN, H)}
 SHAPES |= {"down": (H, FFN), "qkv": (H + 2 * KV, H), "gate_up": (2 * FFN, H)}
+
+
+def overrides(text: str) -> dict[str, int]:
+    """'nw=8,unroll=2' -> {'nw': 8, 'unroll': 2} (plan overrides on the command line)."""
+    return {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
+
+
+def median_ms(build: Callable[[], mx.array], repeats: int) -> float:
+    """Median wall ms to evaluate the graph `build()` returns (built outside the timing),
+    after one warm-up evaluation (compiles, allocations)."""
+    mx.eval(build())
+    times = []
+    for _ in range(repeats):
+        out = build()
+        tic = time.perf_counter()
+        mx.eval(out)
+        times.append(time.perf_counter() - tic)
+    return 1e3 * statistics.median(times)
 
 
 def kind_spec(kind: str) -> tuple[mx.Dtype, int, int]:
@@ -94,8 +113,7 @@ def main() -> int:
     args = p.parse_args()
     variants = {"kernel": {}, "fused-kernel": {}}
     for text in filter(None, args.variants.split(";")):
-        over = {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
-        variants[f"fused-kernel[{text}]"] = over
+        variants[f"fused-kernel[{text}]"] = overrides(text)
     paths = ["stock", "fused"] + (list(variants) if mx.cuda.is_available() else [])
     rows = [int(r) for r in args.rows.split(",")]
     results = {"mlx": mx.__version__, "device": str(mx.default_device()), "rows": []}
@@ -111,14 +129,8 @@ def main() -> int:
             for path in paths:
                 layers = weights[path.startswith("fused")]
                 over = variants.get(path)
-                mx.eval(forward(x, layers, kind, path, over))  # warm-up: compile, allocate
-                times = []
-                for _ in range(args.repeats):
-                    out = forward(x, layers, kind, path, over)
-                    tic = time.perf_counter()
-                    mx.eval(out)
-                    times.append(time.perf_counter() - tic)
-                line[path] = 1e3 * statistics.median(times)
+                build = lambda: forward(x, layers, kind, path, over)  # noqa: B023 (used now)
+                line[path] = median_ms(build, args.repeats)
                 results["rows"].append({"kind": kind, "M": m, "path": path, "ms": line[path]})
             print(f"{kind:6s} M={m:2d}: " + " | ".join(f"{k} {v:.2f} ms" for k, v in line.items()))
         del weights

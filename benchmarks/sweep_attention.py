@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_chain import median_ms, overrides
 
 from dflash_mlx.kernels import attention
 from dflash_mlx.kernels.backend import mlx_factory
@@ -60,7 +61,7 @@ def main() -> int:
     factory = mlx_factory("cuda")
     variants = {"default": {}}
     for text in filter(None, args.variants.split(";")):
-        variants[text] = {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
+        variants[text] = overrides(text)
     results = {"mlx": mx.__version__, "lq": args.lq, "rows": []}
     for case in args.cases.split(","):
         cap, n = (int(x) for x in case.split(":"))
@@ -76,21 +77,15 @@ def main() -> int:
             plan = make_plan("cuda", 2, 1, HKV, HQ // HKV, args.lq, cap, D, None, **over)
             if plan is None:
                 continue
-            mx.eval(chain(q, layers, valid, plan, factory))  # compile
-            times = []
-            for _ in range(args.repeats):
-                out = chain(q, layers, valid, plan, factory)
-                tic = time.perf_counter()
-                mx.eval(out)
-                times.append(time.perf_counter() - tic)
-            ms = 1e3 * statistics.median(times)
+            build = lambda: chain(q, layers, valid, plan, factory)  # noqa: B023 (used now)
+            ms = median_ms(build, args.repeats)
             line[name] = ms
             results["rows"].append(
                 {"capacity": cap, "valid": n, "variant": name, "ms": ms, "plan": repr(plan)}
             )
             print(f"  {cap}:{n} {name}: {ms:.2f} ms  {plan}", flush=True)
         print(f"{cap}:{n} " + " | ".join(f"{k} {v:.2f}" for k, v in line.items()), flush=True)
-        del layers
+        layers.clear()  # free this case's K/V before the next
         mx.clear_cache()
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
