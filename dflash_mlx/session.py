@@ -440,8 +440,9 @@ class VerifySession:
         one call runs eagerly, then one traces. Host bookkeeping (`reserve`) stays
         outside. `key` names what the cycle computes besides the pair (width, sampling,
         draft window): the compiled function is kept on the target for later
-        generations of the same pair, weights and kernel choices, since tracing one
-        costs more than a hundred of its cycles on a small pair."""
+        generations of the same pair, weights and kernel choices, so that a generation
+        does not trace again what an earlier one traced (and the block policy does not
+        take a trace's time for a width's cost: results/cycle_session8.md)."""
         store = self.model.__dict__.setdefault("_dflash_compiled_cycles", {})
         key = (key, id(self.draft), type(self), routing.choices(), fuse.enabled())
         weights = _leaves(self.model) + _leaves(self.draft)
@@ -504,13 +505,6 @@ class VerifySession:
         self._flush()
 
 
-# Where static caches measured no slower than the general path (positions = prompt +
-# max_tokens), per backend. H200, MLX 0.32.4 CUDA, Qwen3-8B shape, bf16, one process
-# alternating the loops (benchmarks/ab_cycle.py; results/cycle_session7.md): at 16k
-# context (24,576-row buffers) the compiled static cycle took 15.5 / 17.4 ms against the
-# general path's 24.6 / 17.4 ms in two rounds, once the cache writes became scatters
-# (static_cache.py; before, 24-25.5 vs 15.4-19.7 ms). Longer: not measured, so not used.
-# Metal and the CPU: not measured, so not used.
 def _leaves(module: nn.Module) -> list[mx.array]:
     return [a for _, a in tree_flatten(module.parameters())]
 
@@ -558,6 +552,13 @@ class CompiledCycle:
         )
 
 
+# Where static caches measured no slower than the general path (positions = prompt +
+# max_tokens), per backend. H200, MLX 0.32.4 CUDA, Qwen3-8B shape, bf16, one process
+# alternating the loops (benchmarks/ab_cycle.py; results/cycle_session7.md): at 16k
+# context (24,576-row buffers) the compiled static cycle took 15.5 / 17.4 ms against the
+# general path's 24.6 / 17.4 ms in two rounds, once the cache writes became scatters
+# (static_cache.py; before, 24-25.5 vs 15.4-19.7 ms). Longer: not measured, so not used.
+# Metal and the CPU: not measured, so not used.
 STATIC_MAX_POSITIONS: dict[str, int] = {"cuda": 24576}
 MAX_COMPILED_CYCLES = 32  # kept per target, least recently used dropped first
 
