@@ -249,7 +249,8 @@ def _missing(cal: Calibration | None, shapes: Shapes) -> Shapes:
 
 
 def measure(case: dict, path: str, fn: Callable[[int], mx.array], n_calls: int = 16) -> float:
-    """Median seconds per call over 5 evaluations of n_calls calls, after a warm-up."""
+    """Median seconds per call over 5 evaluations of n_calls calls (chained: see
+    `_chained`), after a warm-up."""
     mx.eval([fn(i) for i in range(n_calls)])
     samples = []
     for _ in range(5):
@@ -260,6 +261,26 @@ def measure(case: dict, path: str, fn: Callable[[int], mx.array], n_calls: int =
         mx.synchronize()
         samples.append((time.perf_counter() - t0) / n_calls)
     return statistics.median(samples)
+
+
+def _chained(call: Callable[[int, mx.array], mx.array], first: mx.array):
+    """fn(i) = call(i, input), where from the second call of a batch on the input carries
+    a zero-valued dependency on the last output: the calls run one after another, as in
+    a forward. (Independent calls in one graph run concurrently on a GPU: their time is
+    throughput, which misjudged MLX's 16-row 4-bit matmul as flat in M,
+    benchmarks/results/cycle_session7.md.) The extra elementwise op is the same for
+    both paths."""
+    last: list[mx.array | None] = [None]
+
+    def fn(i: int) -> mx.array:
+        x = first
+        if i > 0 and last[0] is not None:
+            corner = last[0][tuple(slice(0, 1) for _ in range(last[0].ndim))]
+            x = first + (corner * 0).astype(first.dtype)
+        last[0] = call(i, x)
+        return last[0]
+
+    return fn
 
 
 def _copies(nbytes: int) -> int:
@@ -299,7 +320,7 @@ def _attention_fns(case: dict, dtype, backend, factory):
         length = s + calls[0] % 1024
         return k[:, :, :length], v[:, :, :length], length
 
-    def kernel(i):
+    def kernel(i, q):
         k, v, length = views(i)
         plan = plans.get(length)
         if plan is None:
@@ -310,11 +331,11 @@ def _attention_fns(case: dict, dtype, backend, factory):
             q, k, v, plan, scale=scale, causal=True, window=None, backend=backend, factory=factory
         )
 
-    def stock(i):
+    def stock(i, q):
         k, v, _ = views(i)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
 
-    return kernel, stock
+    return _chained(kernel, q), _chained(stock, q)
 
 
 def _matmul_fns(case: dict, backend, factory):
@@ -331,7 +352,7 @@ def _matmul_fns(case: dict, backend, factory):
     mx.eval(x)
     plan = matmul.make_plan(backend, n, k, bits, dtype.size, m=m)
 
-    def kernel(i):
+    def kernel(i, x):
         w = sets[i % len(sets)]
         if bits:
             return matmul.launch(
@@ -347,13 +368,13 @@ def _matmul_fns(case: dict, backend, factory):
             )
         return matmul.launch(x, w[0], plan, backend=backend, factory=factory)
 
-    def stock(i):
+    def stock(i, x):
         w = sets[i % len(sets)]
         if bits:
             return mx.quantized_matmul(x, *w, transpose=True, group_size=gs, bits=bits)
         return x @ w[0].T
 
-    return kernel, stock, (dtype, bits, gs, plan)
+    return _chained(kernel, x), _chained(stock, x), (dtype, bits, gs, plan)
 
 
 def _kernel_ok(case: dict, backend: str, factory, extra) -> bool:
