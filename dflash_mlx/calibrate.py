@@ -29,6 +29,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx import nn
 
+from . import fuse
 from .kernels import attention, matmul
 from .kernels import source as attention_source
 
@@ -199,22 +200,31 @@ class Shapes:
     linears: tuple[tuple[str, int, int, int, str], ...] = ()
 
 
+def _linear_shape(module: nn.Module) -> tuple[str, int, int, int, str] | None:
+    """(kind, N, K, group size, dtype name) of a linear layer the kernel can run."""
+    if isinstance(module, nn.QuantizedLinear):
+        n, kw = module.weight.shape
+        dt, bits, gs = module.scales.dtype, module.bits, module.group_size
+        ok = module.mode == "affine" and bits in matmul.BITS and gs in matmul.GROUP_SIZES
+        if ok and dt in matmul._DTYPES:
+            return matmul.weight_kind(dt, bits), n, kw * 32 // bits, gs, str(dt).split(".")[-1]
+    elif isinstance(module, nn.Linear) and module.weight.dtype in matmul._DTYPES:
+        n, k = module.weight.shape
+        dtype = str(module.weight.dtype).split(".")[-1]
+        return dtype, n, k, 0, dtype
+    return None
+
+
 def model_shapes(*models: nn.Module) -> Shapes:
+    """Attention and linear shapes of the models, with the fused q/k/v and gate/up
+    shapes a verify runs where fusion is on (fuse.py)."""
     att, lin = set(), set()
     for model in models:
         for _, module in model.named_modules():
             # only what the kernels can run: the rest always takes the stock op
-            if isinstance(module, nn.QuantizedLinear):
-                n, kw = module.weight.shape
-                dt, bits, gs = module.scales.dtype, module.bits, module.group_size
-                ok = module.mode == "affine" and bits in matmul.BITS and gs in matmul.GROUP_SIZES
-                if ok and dt in matmul._DTYPES:
-                    kind = matmul.weight_kind(dt, bits)
-                    lin.add((kind, n, kw * 32 // bits, gs, str(dt).split(".")[-1]))
-            elif isinstance(module, nn.Linear) and module.weight.dtype in matmul._DTYPES:
-                n, k = module.weight.shape
-                dtype = str(module.weight.dtype).split(".")[-1]
-                lin.add((dtype, n, k, 0, dtype))
+            shape = _linear_shape(module)
+            if shape is not None:
+                lin.add(shape)
             heads = getattr(module, "n_heads", None)
             kv = getattr(module, "n_kv_heads", None)
             q_proj = getattr(module, "q_proj", None)
@@ -223,6 +233,13 @@ def model_shapes(*models: nn.Module) -> Shapes:
                 dt = getattr(q_proj, "scales", q_proj.weight).dtype
                 if d in attention_source.SUPPORTED_HEAD_DIMS and dt in matmul._DTYPES:
                     att.add((d, heads, kv, str(dt).split(".")[-1]))
+        layers = getattr(model, "layers", None)
+        if fuse.enabled() and isinstance(layers, list):
+            for _, parts in fuse.siblings(layers):
+                shapes = [_linear_shape(p) for p in parts]
+                if all(shapes):
+                    kind, _, k, gs, dtype = shapes[0]
+                    lin.add((kind, sum(s[1] for s in shapes), k, gs, dtype))
     return Shapes(tuple(sorted(att)), tuple(sorted(lin)))
 
 

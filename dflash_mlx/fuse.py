@@ -24,7 +24,7 @@ Metal is not measured, so it stays off there until it is.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,21 +148,26 @@ def enabled() -> bool:
     return (active[0] if active else "cpu") in BACKENDS
 
 
+def siblings(layers: list[nn.Module]) -> Iterator[tuple[nn.Module, list[nn.Module]]]:
+    """(block, parts) of every fusable sibling group in `layers`."""
+    for layer in layers:
+        for block_name, names in GROUPS:
+            block = getattr(layer, block_name, None)
+            parts = [getattr(block, n, None) for n in names] if block is not None else []
+            if parts and all(p is not None for p in parts) and _fusable(parts):
+                yield block, parts
+
+
 def groups(model: nn.Module, layers: list[nn.Module] | None = None) -> list[FusedGroup]:
     """The fused groups of `layers` (the target's by default), made on first use (and
     again after new weights)."""
     out = []
-    for layer in target_layers(model) if layers is None else layers:
-        for block_name, names in GROUPS:
-            block = getattr(layer, block_name, None)
-            parts = [getattr(block, n, None) for n in names] if block is not None else []
-            if not parts or any(p is None for p in parts) or not _fusable(parts):
-                continue
-            group = block.__dict__.get("_dflash_fused")
-            if group is None or not group.current():
-                group = _fuse(parts)
-                object.__setattr__(block, "_dflash_fused", group)
-            out.append(group)
+    for block, parts in siblings(target_layers(model) if layers is None else layers):
+        group = block.__dict__.get("_dflash_fused")
+        if group is None or not group.current():
+            group = _fuse(parts)
+            object.__setattr__(block, "_dflash_fused", group)
+        out.append(group)
     return out
 
 

@@ -219,7 +219,7 @@ def test_calibrate_times_the_pairs_block_sizes_on_any_backend(tmp_path, monkeypa
     assert saved.read_text() != first  # measured again
 
 
-def test_model_shapes_find_linears_and_attention():
+def test_model_shapes_find_linears_and_attention(monkeypatch):
     args = qwen3.ModelArgs(
         model_type="qwen3",
         hidden_size=64,
@@ -251,6 +251,12 @@ def test_model_shapes_find_linears_and_attention():
     assert {(n, k, g) for _, n, k, g, _ in q.linears} == {
         (n, k, 32) for _, n, k, _, _ in shapes.linears
     }
+    # Where verify fuses q/k/v and gate/up (fuse.py), their fused shapes are calibrated too.
+    from dflash_mlx import fuse
+
+    monkeypatch.setattr(fuse, "BACKENDS", {"cpu"})
+    fused = {(n, k) for _, n, k, _, _ in calibrate.model_shapes(model).linears}
+    assert fused - {(n, k) for _, n, k, _, _ in q.linears} == {(256 + 2 * 128, 64), (2 * 96, 64)}
 
 
 def test_timed_calls_are_chained_yet_compute_the_same():
