@@ -65,20 +65,10 @@ class FusedGroup:
         shapes: 1.3-2.3x MLX's quantized matmul at 2-32 rows, results/cycle_session8.md),
         else the stock op."""
         p, f = self.parts[0], self.fused
+        y = matmul.linear(p, x, f)
+        if y is not None:
+            return y
         if isinstance(p, nn.QuantizedLinear):
-            if p.mode == "affine":
-                y = matmul.kernel_matmul(
-                    x,
-                    f["weight"],
-                    scales=f["scales"],
-                    biases=f["biases"],
-                    bias=f.get("bias"),
-                    group_size=p.group_size,
-                    bits=p.bits,
-                    auto_rows=(2, matmul.MAX_ROWS),
-                )
-                if y is not None:
-                    return y
             y = mx.quantized_matmul(
                 x,
                 f["weight"],
@@ -90,9 +80,6 @@ class FusedGroup:
                 mode=p.mode,
             )
             return y + f["bias"] if "bias" in f else y
-        y = matmul.kernel_matmul(x, f["weight"], bias=f.get("bias"), auto_rows=(2, matmul.MAX_ROWS))
-        if y is not None:
-            return y
         if "bias" in f:
             return mx.addmm(f["bias"], x, f["weight"].T)
         return x @ f["weight"].T

@@ -170,6 +170,7 @@ class VerifySession:
         self.length: Length | None = None  # set while the caches are static (go_static)
         self._inflight = 0  # static verifies whose accepted count the host has not read
         self._last_start = self.offset  # offset before the last committed cycle's block
+        self._pair_arrays: list[mx.array] | None = None  # parameters, for compile_static
 
     def _check_offsets(self) -> int:
         target = {c.offset for c in self.target_cache if hasattr(c, "offset")}
@@ -445,7 +446,9 @@ class VerifySession:
         take a trace's time for a width's cost: results/cycle_session8.md)."""
         store = self.model.__dict__.setdefault("_dflash_compiled_cycles", {})
         key = (key, id(self.draft), type(self), routing.choices(), fuse.enabled())
-        weights = _leaves(self.model) + _leaves(self.draft)
+        if self._pair_arrays is None:  # once per session: the widths share it
+            self._pair_arrays = _leaves(self.model) + _leaves(self.draft)
+        weights = self._pair_arrays
         entry = store.pop(key, None)  # re-inserted last: the store is in order of use
         if entry is None or not entry.same_weights(weights):
             entry = CompiledCycle(weights)

@@ -488,25 +488,27 @@ def skinny_quantized_matmul(
     )
 
 
-def linear(module: nn.Module, x: mx.array) -> mx.array | None:
+def linear(module: nn.Module, x: mx.array, arrays: dict | None = None) -> mx.array | None:
     """module(x) through the kernel for nn.Linear / nn.QuantizedLinear (affine) with
-    2…32 rows, or None: the caller then runs module(x) itself."""
-    bias = module.get("bias") if "bias" in module else None
+    2…32 rows, or None: the caller then runs module(x) itself. `arrays` (weight, scales,
+    biases, bias) stand in for the module's own: a fused group's (fuse.py)."""
+    a = module if arrays is None else arrays
+    bias = a.get("bias")
     if isinstance(module, nn.QuantizedLinear):
         if getattr(module, "mode", "affine") != "affine":
             return None
         return kernel_matmul(
             x,
-            module["weight"],
-            scales=module["scales"],
-            biases=module["biases"],
+            a["weight"],
+            scales=a["scales"],
+            biases=a["biases"],
             bias=bias,
             group_size=module.group_size,
             bits=module.bits,
             auto_rows=(2, MAX_ROWS),
         )
     if isinstance(module, nn.Linear):
-        return kernel_matmul(x, module["weight"], bias=bias, auto_rows=(2, MAX_ROWS))
+        return kernel_matmul(x, a["weight"], bias=bias, auto_rows=(2, MAX_ROWS))
     return None
 
 
