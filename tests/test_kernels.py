@@ -830,3 +830,35 @@ def test_draft_static_attention_runs_on_the_kernel(emu_dir, monkeypatch, sliding
         out = run()
     assert "dflash_block_attention" in calls
     assert mx.allclose(out, expected, atol=1e-4).item()
+
+
+@pytest.mark.parametrize("backend", ["metal", "cuda"], ids=["metal-emulated", "ptx-emulated"])
+def test_splits_share_the_device_length(emu_dir, backend):
+    """A static call's plan is made for the buffer (here 11 splits of 64 of its 700 rows);
+    with the valid length on the device the splits share the valid keys, and the result
+    is SDPA over exactly those keys (stale rows past them poisoned), also where most
+    splits get no key and where the valid keys fill the buffer."""
+    lq, group, cap = 5, 2, 700
+    plan = source.make_plan(backend, 4, 1, 2, group, lq, cap, 64, None, split_len=64)
+    assert plan.nsplit == 11
+    keys = mx.random.split(mx.random.key(3), 3)
+    q = mx.random.normal((1, 2 * group, lq, 64), key=keys[0])
+    k = mx.random.normal((1, 2, cap, 64), key=keys[1])
+    v = mx.random.normal((1, 2, cap, 64), key=keys[2])
+    for n in (9, 150, cap):
+        stale = mx.arange(cap)[None, None, :, None] >= n
+        kp, vp = mx.where(stale, mx.nan, k), mx.where(stale, mx.nan, v)
+        out = attention.launch(
+            q,
+            kp,
+            vp,
+            plan,
+            scale=64**-0.5,
+            causal=True,
+            window=None,
+            backend=backend,
+            factory=_emulated_factory(backend, emu_dir),
+            valid_length=mx.array(n, dtype=mx.int32),
+        )
+        ref = _reference(q, k[:, :, :n], v[:, :, :n], True, None)
+        assert _rel_err(out, ref) < TOL[mx.float32], n

@@ -143,18 +143,24 @@ def launch(
     factory: KernelFactory,
     init_value: float | None = None,
     valid_length: mx.array | None = None,
+    split_on_device: bool | None = None,
 ) -> mx.array:
     """Run the kernel (both passes when the plan splits the keys).
 
     init_value fills the outputs first (tests poison them with NaN). valid_length (an
     int32 device scalar): only the first valid_length keys count, the queries being the
-    last Lq of them (static caches: the plan covers the buffer, the kernel stops there)."""
+    last Lq of them (static caches: the plan covers the buffer, the kernel stops there).
+    split_on_device (default: with valid_length): the plan's splits share the valid keys
+    evenly instead of each taking plan.split_len of the buffer's."""
     B, Hq, Lq, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     split = plan.nsplit > 1
     rows = B * Hq * Lq
-    fields = (Lq, G, S, Hkv, plan.kv_lo, plan.split_len, plan.nsplit, int(causal), window or 0, 0)
+    if split_on_device is None:
+        split_on_device = valid_length is not None
+    split_len = 0 if split_on_device else plan.split_len
+    fields = (Lq, G, S, Hkv, plan.kv_lo, split_len, plan.nsplit, int(causal), window or 0, 0)
     params = _int_array(fields) if valid_length is None else _device_params(fields, valid_length)
     fparams = _float_array(scale * _LOG2E)
     kern = _kernel(backend, factory, 1, plan.smem_bytes)

@@ -20,7 +20,6 @@ const int Lq = params[0];
 const int G = params[1];
 const int S = params[2];
 const int Hkv = params[3];
-const int split_len = params[5];
 const int nsplit = params[6];
 const int causal = params[7];
 const int window = params[8];  // 0: none
@@ -29,6 +28,11 @@ const int window = params[8];  // 0: none
 // the window moves with S, and a host value would put every key before it out of range.
 const int kv_lo = window > 0 && S - Lq - window + 1 > 0 ? S - Lq - window + 1 : 0;
 const float scale_log2 = fparams[0];
+// Keys per split: the plan's, or (0) an even share of the keys the device says are
+// there, in whole tiles: a static buffer's plan is made for its capacity, and splits
+// sized for that would leave the splits past the valid keys idle.
+const int split_len = params[5] > 0 ? params[5]
+    : ((S - kv_lo + nsplit - 1) / nsplit + BN - 1) / BN * BN;
 
 constexpr int VEC = int(16 / sizeof(T));  // elements per 16-byte copy
 constexpr int LDK = D + VEC;              // padded row strides (bank-conflict free)

@@ -1,0 +1,34 @@
+#!/bin/bash
+# Session 9's GPU calls (one H200), after the two-part MLX CUDA setup (shared/device/README.md):
+#   bash benchmarks/gpu_session9.sh probe    # block-attention anatomy (+ ncu), profiles at HEAD
+#   bash benchmarks/gpu_session9.sh tables   # the issue's cycle tables (bf16, 4-bit) and demo
+# Logs go to $OUT.
+set -u
+source benchmarks/gpu_step.sh
+nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
+case "$1" in
+probe)
+  step 150 anatomy python3 benchmarks/attention_anatomy.py --cases 1536:1024,6144:4096,24576:16384 \
+    --plans "split_len=128;split_len=64" --json "$out/anatomy.json"
+  grep -v "^=" "$out/anatomy.log" | cut -c1-150
+  step 120 ncu_attention ncu --clock-control none -k regex:attention_bfloat16 --launch-count 4 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    python3 benchmarks/attention_anatomy.py --ncu --cases 1536:1024,24576:16384
+  grep -E "Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|DRAM Throughput|Compute \(SM\)|Stall|Block Limit|Waves" "$out/ncu_attention.log" | head -60
+  step 150 profile_bf16 python3 benchmarks/profile_kernels.py --shape 8b --contexts 1024,16384 \
+    --static-max 32768 --json "$out/profile_bf16.json"
+  grep "^== " "$out/profile_bf16.log"
+  step 100 profile_q4 python3 benchmarks/profile_kernels.py --shape 8b --bits 4 --contexts 1024 \
+    --json "$out/profile_q4.json"
+  grep "^== " "$out/profile_q4.log"
+  ;;
+tables)
+  step 240 cycle_bf16 python3 benchmarks/bench_cycle.py --shapes 8b --contexts 1024,8192,16384 \
+    --out "$out/cycle_bf16.json"
+  step 240 cycle_q4 python3 benchmarks/bench_cycle.py --shapes 8b --bits 4 --contexts 1024,8192,16384 \
+    --out "$out/cycle_q4.json"
+  step 100 demo python3 -m dflash_mlx.benchmark --prompts dflash_mlx/demo_pair/eval_prompts.jsonl \
+    --max-prompts 16 -m 256 --ignore-chat-template --json "$out/demo.json"
+  tail -12 "$out/demo.log"
+  ;;
+esac
