@@ -21,6 +21,10 @@ probe)
   step 100 profile_q4 python3 benchmarks/profile_kernels.py --shape 8b --bits 4 --contexts 1024 \
     --json "$out/profile_q4.json"
   grep "^== " "$out/profile_q4.log"
+  for ops in 20 100; do  # MLX's CUDA graph size (MLX_MAX_OPS_PER_BUFFER, default 20)
+    MLX_MAX_OPS_PER_BUFFER=$ops step 100 cycle_ops$ops python3 benchmarks/bench_cycle.py \
+      --shapes 8b --contexts 1024 --out "$out/cycle_ops$ops.json"
+  done
   ;;
 tables)
   step 240 cycle_bf16 python3 benchmarks/bench_cycle.py --shapes 8b --contexts 1024,8192,16384 \
