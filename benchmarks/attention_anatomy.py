@@ -42,10 +42,23 @@ _LOAD = """            df_copy16_async(kdst, k + ko + d0);
             df_copy16_async(vdst, v + vo + d0);"""
 _COMPUTE = "    if (warp_active) {\n      // S = Q K^T"
 _TILES = "const int n_tiles = k_end > k_begin ? (k_end - k_begin + BN - 1) / BN : 0;"
-PATCHES = {
-    "no-load": (_LOAD, ""),
-    "no-compute": (_COMPUTE, "    if (false) {\n      // S = Q K^T"),
-    "no-tiles": (_TILES, "const int n_tiles = 0;"),
+_QLOAD = """      DF_UNROLL for (int kk = 0; kk < D / 16; ++kk) {
+        df_frag_a<T> a;
+        df_load_a(a, qw + kk * 16, LDK, df_lane);"""
+_QREGS = """      if (tc == 0) {
+        DF_UNROLL for (int kk = 0; kk < D / 16; ++kk) {
+          df_load_a(qa[kk], qw + kk * 16, LDK, df_lane);
+        }
+      }
+      DF_UNROLL for (int kk = 0; kk < D / 16; ++kk) {
+        df_frag_a<T>& a = qa[kk];"""
+_LOOP = "for (int step = 0; step < 2 * (n_tiles + 1); ++step) {"
+PATCHES = {  # name: [(old, new), ...]
+    "no-load": [(_LOAD, "")],
+    "no-compute": [(_COMPUTE, "    if (false) {\n      // S = Q K^T")],
+    "no-tiles": [(_TILES, "const int n_tiles = 0;")],
+    # a candidate: the queries' A fragments kept in registers across tiles
+    "q-regs": [(_QLOAD, _QREGS), (_LOOP, "df_frag_a<T> qa[D / 16];\n" + _LOOP)],
 }
 
 
@@ -53,13 +66,13 @@ def patched_factory(name: str, base):
     """`base` (a CUDA factory) with pass 1's body patched (and renamed) for `name`."""
     if name not in PATCHES:
         return base
-    old, new = PATCHES[name]
 
     def make(kname, inputs, outputs, source, header, smem):
         if kname == "dflash_block_attention":
-            if old not in source:
-                raise SystemExit(f"patch {name!r} no longer matches the kernel body")
-            source = source.replace(old, new)
+            for old, new in PATCHES[name]:
+                if old not in source:
+                    raise SystemExit(f"patch {name!r} no longer matches the kernel body")
+                source = source.replace(old, new)
             kname = f"{kname}_{name.replace('-', '_')}"
         return base(kname, inputs, outputs, source, header, smem)
 
@@ -118,7 +131,7 @@ def main() -> int:
     p.add_argument("--lq", type=int, default=16)
     p.add_argument("--layers", type=int, default=36)
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--variants", default="default;host-split;no-load;no-compute;no-tiles")
+    p.add_argument("--variants", default="default;host-split;no-load;no-compute;no-tiles;q-regs")
     p.add_argument("--plans", default="", help="extra plan overrides, e.g. 'split_len=128'")
     p.add_argument("--ncu", action="store_true", help="a few default calls only (under ncu)")
     p.add_argument("--emulate", action="store_true", help="CPU check: the CUDA emulator")
