@@ -21,6 +21,8 @@ probe)
   step 100 profile_q4 python3 benchmarks/profile_kernels.py --shape 8b --bits 4 --contexts 1024 \
     --json "$out/profile_q4.json"
   grep "^== " "$out/profile_q4.log"
+  step 90 host_profile python3 benchmarks/host_profile.py --shape 8b --context 1024
+  tail -17 "$out/host_profile.log"
   for ops in 20 100; do  # MLX's CUDA graph size (MLX_MAX_OPS_PER_BUFFER, default 20)
     MLX_MAX_OPS_PER_BUFFER=$ops step 100 cycle_ops$ops python3 benchmarks/bench_cycle.py \
       --shapes 8b --contexts 1024 --out "$out/cycle_ops$ops.json"
