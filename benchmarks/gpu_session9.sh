@@ -8,15 +8,15 @@ source benchmarks/gpu_step.sh
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
 case "$1" in
 probe)
-  step 150 anatomy python3 benchmarks/attention_anatomy.py --cases 1536:1024,6144:4096,24576:16384 \
-    --plans "split_len=128;split_len=64" --json "$out/anatomy.json"
+  step 150 anatomy python3 benchmarks/attention_anatomy.py --cases 1536:1024,24576:16384 \
+    --plans "split_len=128" --json "$out/anatomy.json"
   grep -v "^=" "$out/anatomy.log" | cut -c1-150
   step 120 ncu_attention ncu --clock-control none -k regex:attention_bfloat16 --launch-count 4 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     python3 benchmarks/attention_anatomy.py --ncu --cases 1536:1024,24576:16384
   grep -E "Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|DRAM Throughput|Compute \(SM\)|Stall|Block Limit|Waves" "$out/ncu_attention.log" | head -60
-  step 150 profile_bf16 python3 benchmarks/profile_kernels.py --shape 8b --contexts 1024,16384 \
-    --static-max 32768 --json "$out/profile_bf16.json"
+  step 100 profile_bf16 python3 benchmarks/profile_kernels.py --shape 8b --contexts 1024 \
+    --json "$out/profile_bf16.json"
   grep "^== " "$out/profile_bf16.log"
   step 100 profile_q4 python3 benchmarks/profile_kernels.py --shape 8b --bits 4 --contexts 1024 \
     --json "$out/profile_q4.json"
@@ -24,9 +24,11 @@ probe)
   step 90 host_profile python3 benchmarks/host_profile.py --shape 8b --context 1024
   tail -17 "$out/host_profile.log"
   for ops in 20 100; do  # MLX's CUDA graph size (MLX_MAX_OPS_PER_BUFFER, default 20)
-    MLX_MAX_OPS_PER_BUFFER=$ops step 100 cycle_ops$ops python3 benchmarks/bench_cycle.py \
-      --shapes 8b --contexts 1024 --out "$out/cycle_ops$ops.json"
+    export MLX_MAX_OPS_PER_BUFFER=$ops
+    step 100 cycle_ops$ops python3 benchmarks/bench_cycle.py --shapes 8b --contexts 1024 \
+      --out "$out/cycle_ops$ops.json"
   done
+  unset MLX_MAX_OPS_PER_BUFFER
   ;;
 tables)
   step 240 cycle_bf16 python3 benchmarks/bench_cycle.py --shapes 8b --contexts 1024,8192,16384 \
