@@ -9,7 +9,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
 case "$1" in
 probe)
   step 150 anatomy python3 benchmarks/attention_anatomy.py --cases 1536:1024,24576:16384 \
-    --plans "split_len=128" --json "$out/anatomy.json"
+    --plans "split_len=128;split_len=384" --json "$out/anatomy.json"
   grep -v "^=" "$out/anatomy.log" | cut -c1-150
   step 120 ncu_attention ncu --clock-control none -k regex:attention_bfloat16 --launch-count 4 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
