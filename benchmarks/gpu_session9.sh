@@ -32,9 +32,10 @@ probe)
   ;;
 env)  # MLX's CUDA graphs: per-op host cost, and the cycle under each setting (1k, bf16)
   step 60 host_per_op python3 benchmarks/host_per_op.py
-  MLX_USE_CUDA_GRAPHS=0 step 60 host_per_op_nographs python3 benchmarks/host_per_op.py
+  env MLX_USE_CUDA_GRAPHS=0 bash -c "source benchmarks/gpu_step.sh; step 60 host_per_op_nographs \
+    python3 benchmarks/host_per_op.py" | tail -9
   for setting in "" MLX_USE_CUDA_GRAPHS=0 MLX_MAX_OPS_PER_BUFFER=20 MLX_MAX_OPS_PER_BUFFER=400; do
-    name=cycle_env_${setting:-default}
+    name=cycle_env_$(echo "${setting:-default}" | tr '=' '_')
     env $setting bash -c "source benchmarks/gpu_step.sh; step 60 $name python3 benchmarks/bench_cycle.py \
       --shapes 8b --contexts 1024 --out $out/$name.json" | tail -2
   done
