@@ -40,7 +40,7 @@ env)  # MLX's CUDA graphs: per-op host cost, and the cycle under each setting (1
       --shapes 8b --contexts 1024 --out $out/$name.json" | tail -2
   done
   ;;
-final)  # one call: anatomy A/B, MLX graph settings, the tables, demo, auto (then one tar)
+final)  # one call: anatomy A/B, MLX graph settings, the tables, demo (then one tar)
   step 60 anatomy_final python3 benchmarks/attention_anatomy.py --cases 1536:1024,24576:16384 \
     --variants "default;masked;q-regs;no-load;no-tiles"
   grep -v "^=" "$out/anatomy_final.log" | grep -v "^  " | cut -c1-150
@@ -55,20 +55,12 @@ final)  # one call: anatomy A/B, MLX graph settings, the tables, demo, auto (the
         --shapes 8b $flag --contexts 1024,8192,16384 --out $out/$name.json" | tail -5
     done
   done
-  for setting in MLX_MAX_OPS_PER_BUFFER=20 MLX_MAX_OPS_PER_BUFFER=400; do
-    name=cycle_$(echo "$setting" | tr '=' '_')
-    env $setting bash -c "source benchmarks/gpu_step.sh; step 60 $name python3 benchmarks/bench_cycle.py \
-      --shapes 8b --contexts 1024 --out $out/$name.json" | tail -2
-  done
   for setting in "" MLX_USE_CUDA_GRAPHS=0; do
     name=demo_$(echo "${setting:-default}" | tr '=' '_')
     env $setting bash -c "source benchmarks/gpu_step.sh; step 60 $name python3 -m dflash_mlx.benchmark \
       --prompts dflash_mlx/demo_pair/eval_prompts.jsonl --max-prompts 16 -m 256 \
       --ignore-chat-template --json $out/$name.json" | tail -4
   done
-  step 150 auto python3 benchmarks/bench_auto.py --contexts 128,1k,4k --n-prompts 2 \
-    --max-tokens 128 --repeats 2 --out "$out/auto_h200"
-  tail -6 "$out/auto.log"
   (cd "$out" && tar czf session9_final.tgz --remove-files *.log *.json *.md 2>/dev/null)
   ;;
 tables)
