@@ -10,8 +10,7 @@ on the device, the plan made for the buffer; bf16, 8 KV heads, GQA 4, D 128, 16 
 36 dependent calls). Variants patch the shared kernel body (benchmark-only copies, under
 their own kernel names): `no-load` (K/V tiles never copied: compute on stale tiles),
 `no-compute` (tiles copied, no products), `no-tiles` (queries in, results out, no keys); `host-split` is the kernel with each
-split taking the plan's split_len of the buffer (before splits shared the valid keys);
-`masked` masks every tile score by score (before whole tiles skipped it).
+split taking the plan's split_len of the buffer (before splits shared the valid keys).
 Differences of device time (CUPTI, through PyTorch's profiler) place the time: loads,
 math, fixed cost. SDPA rows for reference: cuDNN over the valid keys only (the eager
 path's call, host length) and over the whole buffer with a mask (a static call's).
@@ -58,8 +57,6 @@ PATCHES = {  # name: [(old, new), ...]
     "no-load": [(_LOAD, "")],
     "no-compute": [(_COMPUTE, "    if (false) {\n      // S = Q K^T")],
     "no-tiles": [(_TILES, "const int n_tiles = 0;")],
-    # before: every tile masked score by score
-    "masked": [("const bool whole = k0", "const bool whole = false && k0")],
     # a candidate: the queries' A fragments kept in registers across tiles
     "q-regs": [(_QLOAD, _QREGS), (_LOOP, "df_frag_a<T> qa[D / 16];\n" + _LOOP)],
 }
@@ -135,7 +132,7 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=36)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument(
-        "--variants", default="default;masked;host-split;no-load;no-compute;no-tiles;q-regs"
+        "--variants", default="default;host-split;no-load;no-compute;no-tiles;q-regs"
     )
     p.add_argument("--plans", default="", help="extra plan overrides, e.g. 'split_len=128'")
     p.add_argument("--ncu", action="store_true", help="a few default calls only (under ncu)")

@@ -171,36 +171,21 @@ for (int step = 0; step < 2 * (n_tiles + 1); ++step) {
           df_mma(s[n], a, bf);
         }
       }
-      // Mask, online softmax; P -> this simdgroup's slice of threadgroup memory. A tile
-      // that every query sees whole (the keys before the block, no window edge: most
-      // tiles) skips the per-score mask, a third of the tile's instructions. Rows past M
-      // hold zero queries there: finite scores, never written out.
-      const bool whole = k0 + BN <= k_end && (causal == 0 || k0 + BN <= S - Lq + 1) &&
-          (window == 0 || k0 > S - 1 - window);
+      // Mask, online softmax; P -> this simdgroup's slice of threadgroup memory.
       DF_UNROLL for (int r = 0; r < 2; ++r) {
         const int rw = df_c_row(df_lane, r);
+        const int row = row0 + int(df_warp) * 16 + rw;
+        const int qpos = S - Lq + (row % Lq);
+        const bool row_ok = row < M;
         float mx = DF_NEG;
-        if (whole) {
-          DF_UNROLL for (int n = 0; n < BN / 8; ++n) {
-            DF_UNROLL for (int j = 0; j < 2; ++j) {
-              const float sv = DF_C(s[n], r, j) * scale_log2;
-              DF_C(s[n], r, j) = sv;
-              mx = df_fmax(mx, sv);
-            }
-          }
-        } else {
-          const int row = row0 + int(df_warp) * 16 + rw;
-          const int qpos = S - Lq + (row % Lq);
-          const bool row_ok = row < M;
-          DF_UNROLL for (int n = 0; n < BN / 8; ++n) {
-            DF_UNROLL for (int j = 0; j < 2; ++j) {
-              const int key = k0 + n * 8 + df_c_col(df_lane, j);
-              const bool vis = row_ok && key < k_end && (causal == 0 || key <= qpos) &&
-                  (window == 0 || key > qpos - window);
-              const float sv = vis ? DF_C(s[n], r, j) * scale_log2 : DF_NEG;
-              DF_C(s[n], r, j) = sv;
-              mx = df_fmax(mx, sv);
-            }
+        DF_UNROLL for (int n = 0; n < BN / 8; ++n) {
+          DF_UNROLL for (int j = 0; j < 2; ++j) {
+            const int key = k0 + n * 8 + df_c_col(df_lane, j);
+            const bool vis = row_ok && key < k_end && (causal == 0 || key <= qpos) &&
+                (window == 0 || key > qpos - window);
+            const float sv = vis ? DF_C(s[n], r, j) * scale_log2 : DF_NEG;
+            DF_C(s[n], r, j) = sv;
+            mx = df_fmax(mx, sv);
           }
         }
         mx = df_row_max(mx);
