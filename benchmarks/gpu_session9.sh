@@ -42,7 +42,7 @@ env)  # MLX's CUDA graphs: per-op host cost, and the cycle under each setting (1
   ;;
 final)  # one call: anatomy A/B, MLX graph settings, the tables, demo (then one tar)
   step 60 anatomy_final python3 benchmarks/attention_anatomy.py --cases 1536:1024,24576:16384 \
-    --variants "default;masked;q-regs;no-load;no-tiles"
+    --variants "default;q-regs;no-load;no-tiles"
   grep -v "^=" "$out/anatomy_final.log" | grep -v "^  " | cut -c1-150
   step 60 host_per_op python3 benchmarks/host_per_op.py
   env MLX_USE_CUDA_GRAPHS=0 bash -c "source benchmarks/gpu_step.sh; step 60 host_per_op_nographs \
