@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_chain import median_ms, overrides
 from profile_kernels import kernel_events
+from sweep_attention import chain
 
-from dflash_mlx.kernels import attention
 from dflash_mlx.kernels.backend import mlx_factory
 from dflash_mlx.kernels.source import make_plan
 
@@ -79,24 +79,6 @@ def patched_factory(name: str, base):
     return make
 
 
-def chain(q, layers, valid, plan, factory, split_on_device: bool = True) -> mx.array:
-    for k, v in layers:
-        q = attention.launch(
-            q,
-            k,
-            v,
-            plan,
-            scale=D**-0.5,
-            causal=True,
-            window=None,
-            backend="cuda",
-            factory=factory,
-            valid_length=valid,
-            split_on_device=split_on_device,
-        )
-    return q
-
-
 def sdpa_chain(q, layers, n: int, masked: bool) -> mx.array:
     cap = layers[0][0].shape[2]
     if masked:  # a static call: the whole buffer, keys past n and the future masked
@@ -131,9 +113,7 @@ def main() -> int:
     p.add_argument("--lq", type=int, default=16)
     p.add_argument("--layers", type=int, default=36)
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument(
-        "--variants", default="default;host-split;no-load;no-compute;no-tiles;q-regs"
-    )
+    p.add_argument("--variants", default="default;host-split;no-load;no-compute;no-tiles;q-regs")
     p.add_argument("--plans", default="", help="extra plan overrides, e.g. 'split_len=128'")
     p.add_argument("--ncu", action="store_true", help="a few default calls only (under ncu)")
     p.add_argument("--emulate", action="store_true", help="CPU check: the CUDA emulator")

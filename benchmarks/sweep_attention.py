@@ -32,7 +32,7 @@ from dflash_mlx.kernels.source import make_plan
 HQ, HKV, D = 32, 8, 128
 
 
-def chain(q, layers, valid, plan, factory) -> mx.array:
+def chain(q, layers, valid, plan, factory, split_on_device: bool | None = None) -> mx.array:
     for k, v in layers:
         q = attention.launch(
             q,
@@ -45,6 +45,7 @@ def chain(q, layers, valid, plan, factory) -> mx.array:
             backend="cuda",
             factory=factory,
             valid_length=valid,
+            split_on_device=split_on_device,
         )
     return q
 
