@@ -31,12 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_chain import median_ms, overrides
 from profile_kernels import kernel_events
-from sweep_attention import chain
+from sweep_attention import HKV, HQ, D, chain, kv_layers
 
 from dflash_mlx.kernels.backend import mlx_factory
 from dflash_mlx.kernels.source import make_plan
-
-HQ, HKV, D = 32, 8, 128
 
 _LOAD = """            df_copy16_async(kdst, k + ko + d0);
             df_copy16_async(vdst, v + vo + d0);"""
@@ -100,9 +98,14 @@ def device_us(build, iters: int) -> dict[str, float]:
     events = kernel_events(lambda: mx.eval(build()), iters)
     per: dict[str, list[float]] = {}
     for e in events:
-        kind = "combine" if "combine" in e["name"] else e["name"][:48]
-        if "dflash_block_attention" in e["name"] and "combine" not in e["name"]:
-            kind = "pass1"
+        name = e["name"]
+        kind = (
+            "combine"
+            if "combine" in name
+            else "pass1"
+            if "dflash_block_attention" in name
+            else name[:48]
+        )
         per.setdefault(kind, []).append(e["dur"])
     return {k: statistics.mean(v) for k, v in per.items() if len(v) >= iters}
 
@@ -128,18 +131,22 @@ def main() -> int:
 
         base = emulator.cuda_factory(Path(tempfile.mkdtemp()))
     results = {"mlx": mx.__version__, "lq": args.lq, "rows": []}
+    plans = {"": {}}
+    for text in filter(None, args.plans.split(";")):
+        plans[text] = overrides(text)
+
+    def record(case: str, label: str, build, width: int) -> None:
+        wall = median_ms(build, 7) * 1e3 / args.layers
+        dev = device_us(build, args.iters)
+        results["rows"].append({"case": case, "variant": label, "wall_us": wall, "device_us": dev})
+        kernels = " ".join(f"{k[:width]} {v:.1f}" for k, v in dev.items())
+        print(f"{case} {label}: wall {wall:.1f} us/call | device us: {kernels}")
+
     for case in args.cases.split(","):
         cap, n = (int(x) for x in case.split(":"))
-        layers = []
-        for _ in range(args.layers if not args.ncu else 2):
-            kv = [mx.random.normal((1, HKV, cap, D)).astype(mx.bfloat16) for _ in range(2)]
-            mx.eval(kv)
-            layers.append(kv)
+        layers = kv_layers(args.layers if not args.ncu else 2, cap)
         q = mx.random.normal((1, HQ, args.lq, D)).astype(mx.bfloat16)
         valid = mx.array(n, dtype=mx.int32)
-        plans = {"": {}}
-        for text in filter(None, args.plans.split(";")):
-            plans[text] = overrides(text)
         if args.ncu:
             plan = make_plan("cuda", 2, 1, HKV, HQ // HKV, args.lq, cap, D, None)
             mx.eval(chain(q, layers, valid, plan, base))
@@ -150,24 +157,10 @@ def main() -> int:
                 factory = patched_factory(name, base)
                 on_device = name != "host-split"
                 build = lambda: chain(q, layers, valid, plan, factory, on_device)  # noqa: B023
-                wall = median_ms(build, 7) * 1e3 / len(layers)
-                dev = device_us(build, args.iters)
-                label = f"{name}{' ' + ptext if ptext else ''}"
-                results["rows"].append(
-                    {"case": case, "variant": label, "wall_us": wall, "device_us": dev}
-                )
-                kernels = " ".join(f"{k} {v:.1f}" for k, v in dev.items())
-                print(f"{case} {label}: wall {wall:.1f} us/call | device us: {kernels}")
+                record(case, f"{name}{' ' + ptext if ptext else ''}", build, 48)
         for masked in (False, True):
             build = lambda: sdpa_chain(q, layers, n, masked)  # noqa: B023
-            wall = median_ms(build, 7) * 1e3 / len(layers)
-            dev = device_us(build, args.iters)
-            label = "sdpa masked buffer" if masked else "sdpa valid keys"
-            results["rows"].append(
-                {"case": case, "variant": label, "wall_us": wall, "device_us": dev}
-            )
-            kernels = " ".join(f"{k[:40]} {v:.1f}" for k, v in dev.items())
-            print(f"{case} {label}: wall {wall:.1f} us/call | device us: {kernels}")
+            record(case, "sdpa masked buffer" if masked else "sdpa valid keys", build, 40)
         layers.clear()
         mx.clear_cache()
     if args.json:

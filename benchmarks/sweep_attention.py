@@ -32,6 +32,16 @@ from dflash_mlx.kernels.source import make_plan
 HQ, HKV, D = 32, 8, 128
 
 
+def kv_layers(n_layers: int, cap: int) -> list[list[mx.array]]:
+    """Each layer's own K/V buffers (bf16, [1, HKV, cap, D]), evaluated."""
+    layers = []
+    for _ in range(n_layers):
+        kv = [mx.random.normal((1, HKV, cap, D)).astype(mx.bfloat16) for _ in range(2)]
+        mx.eval(kv)
+        layers.append(kv)
+    return layers
+
+
 def chain(q, layers, valid, plan, factory, split_on_device: bool | None = None) -> mx.array:
     for k, v in layers:
         q = attention.launch(
@@ -66,11 +76,7 @@ def main() -> int:
     results = {"mlx": mx.__version__, "lq": args.lq, "rows": []}
     for case in args.cases.split(","):
         cap, n = (int(x) for x in case.split(":"))
-        layers = []
-        for _ in range(args.layers):
-            kv = [mx.random.normal((1, HKV, cap, D)).astype(mx.bfloat16) for _ in range(2)]
-            mx.eval(kv)
-            layers.append(kv)
+        layers = kv_layers(args.layers, cap)
         q = mx.random.normal((1, HQ, args.lq, D)).astype(mx.bfloat16)
         valid = mx.array(n, dtype=mx.int32)
         line = {}

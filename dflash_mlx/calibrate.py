@@ -202,17 +202,15 @@ class Shapes:
 
 def _linear_shape(module: nn.Module) -> tuple[str, int, int, int, str] | None:
     """(kind, N, K, group size, dtype name) of a linear layer the kernel can run."""
-    if isinstance(module, nn.QuantizedLinear):
-        n, kw = module.weight.shape
-        dt, bits, gs = module.scales.dtype, module.bits, module.group_size
-        ok = module.mode == "affine" and bits in matmul.BITS and gs in matmul.GROUP_SIZES
-        if ok and dt in matmul._DTYPES:
-            return matmul.weight_kind(dt, bits), n, kw * 32 // bits, gs, str(dt).split(".")[-1]
-    elif isinstance(module, nn.Linear) and module.weight.dtype in matmul._DTYPES:
-        n, k = module.weight.shape
-        dtype = str(module.weight.dtype).split(".")[-1]
-        return dtype, n, k, 0, dtype
-    return None
+    spec = matmul.linear_spec(module)
+    if spec is None:
+        return None
+    n, k, dt, bits, gs = spec
+    if dt not in matmul._DTYPES or (
+        bits and (bits not in matmul.BITS or gs not in matmul.GROUP_SIZES)
+    ):
+        return None
+    return matmul.weight_kind(dt, bits), n, k, gs, str(dt).split(".")[-1]
 
 
 def model_shapes(*models: nn.Module) -> Shapes:
