@@ -13,6 +13,7 @@ import mlx.core as mx
 from mlx import nn
 from mlx_lm.models.cache import KVCache
 
+from . import fused_layers
 from .config import DraftConfig
 from .kernels import block_attention
 from .kernels.attention import kernel_attention
@@ -74,6 +75,10 @@ class Attention(nn.Module):
 
     def add_context(self, context: mx.array, rope: nn.Module, cache: KVCache) -> None:
         """Project context features to keys/values at their positions and cache them."""
+        heads = fused_layers.draft_heads(self, context, rope, cache.offset, skip_q=True)
+        if heads is not None:  # one kernel from the session's fused product
+            cache.update_and_fetch(*heads[1:])
+            return
         k, v = self._kv(context)
         cache.update_and_fetch(rope(k, offset=cache.offset), v)
 
@@ -85,14 +90,19 @@ class Attention(nn.Module):
         context_window: int | None,
     ) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
         start = cache.offset
-        q = rope(self.q_norm(q).transpose(0, 2, 1, 3), offset=start)
-        k, v = self._kv(x)
+        heads = fused_layers.draft_heads(self, x, rope, start)
+        if heads is not None:  # one kernel from the session's fused product
+            q, k, v = heads
+        else:
+            q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+            q = rope(self.q_norm(q).transpose(0, 2, 1, 3), offset=start)
+            k, v = self._kv(x)
+            k = rope(k, offset=start)
         # The block's keys/values go into the cache buffer right after the context, are
         # attended to in place, and are dropped again (trim): the context is never copied.
         # The next add_context overwrites them with the committed positions.
-        k, v = cache.update_and_fetch(rope(k, offset=start), v)
+        k, v = cache.update_and_fetch(k, v)
         if isinstance(cache, StaticKVCache):  # length on the device: masked, not sliced
             # The kernel reads the valid length on the device, as the target's static
             # verify does; SDPA with the mask over the whole buffer cost 549 us a layer

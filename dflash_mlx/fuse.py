@@ -49,6 +49,7 @@ class FusedGroup:
     fused: dict[str, mx.array]  # weight (and scales, biases, bias) of all parts
     views: list[dict[str, mx.array]]  # what each part's own arrays were set to
     columns: list[tuple[int, int]]  # each part's output columns in the fused product
+    serving: int = 0  # sessions that have the parts hooked now
     _last: tuple[Any, mx.array] | None = field(default=None, repr=False)
     _served: set[int] = field(default_factory=set, repr=False)
 
@@ -169,6 +170,8 @@ def install(
     if not enabled():
         return
     for group in groups(model, layers):
+        group.serving += 1
+        patches.defer(lambda group=group: setattr(group, "serving", group.serving - 1))
         for i, part in enumerate(group.parts):
 
             def hook(call, inst, x, group=group, i=i):

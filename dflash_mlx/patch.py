@@ -106,6 +106,10 @@ class Patches:
 
         self._undo.append(undo)
 
+    def defer(self, undo: Callable[[], None]) -> None:
+        """Run `undo` at restore (state that lives as long as the hooks)."""
+        self._undo.append(undo)
+
     def restore(self) -> None:
         while self._undo:
             self._undo.pop()()

@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import cache as mlx_lm_cache
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from . import fuse
+from . import fuse, fused_layers
 from .drafter import DraftModel
 from .kernels import routing
 from .patch import Patches
@@ -192,6 +192,7 @@ class VerifySession:
             self.tap.install(self._patches)
             routing.install(self.model, self._patches)
             fuse.install(self.model, self._patches)
+            fused_layers.install(self.model, self._patches)
             fuse.install(self.draft, self._patches, self.draft.layers, when=fuse.draft_rows)
         except BaseException:
             self._patches.restore()

@@ -34,8 +34,10 @@ def write_random_draft(
     seed: int = 0,
     layer_ids=None,
     num_layers: int = 2,
+    **overrides,
 ) -> Path:
-    """A random draft in the published HF format (bf16 safetensors) matching a target."""
+    """A random draft in the published HF format (bf16 safetensors) matching a target;
+    `overrides` update its config (e.g. head_dim)."""
     from mlx.utils import tree_flatten
 
     from dflash_mlx.config import DraftConfig
@@ -61,6 +63,7 @@ def write_random_draft(
         "vocab_size": target_config["vocab_size"],
         "rope_theta": 10000.0,
         "max_position_embeddings": 4096,
+        **overrides,
     }
     mx.random.seed(seed)
     model = DraftModel(DraftConfig.from_dict(raw))

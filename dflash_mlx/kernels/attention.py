@@ -178,25 +178,28 @@ def launch(
         grid=(plan.threads * plan.n_rb, plan.nsplit, B * Hkv),
         threadgroup=(plan.threads, 1, 1),
         output_shapes=[
-            (1,) if split else (B, Hq, Lq, D),
+            (1,) if split else (B, Lq, Hq, D),
             (rows, plan.nsplit, D) if split else (1,),
             (rows, plan.nsplit) if split else (1,),
         ],
         output_dtypes=[q.dtype, mx.float32, mx.float32],
         init_value=init_value,
     )
+    # The kernels write heads last ([B, Lq, Hq, D]); the result is its [B, Hq, Lq, D]
+    # view, which the model's transpose(0, 2, 1, 3).reshape(B, Lq, -1) before o_proj
+    # turns back into the buffer itself, without the copy it costs otherwise.
     if not split:
-        return outs[0]
+        return outs[0].transpose(0, 2, 1, 3)
     combine = _kernel(backend, factory, 2, 0)
     return combine(
-        inputs=[outs[1], outs[2], _int_array((rows, plan.nsplit, D))],
+        inputs=[outs[1], outs[2], _int_array((rows, plan.nsplit, D, Lq, Hq))],
         template=[("T", q.dtype)],
         grid=(rows * D, 1, 1),
         threadgroup=(256, 1, 1),
-        output_shapes=[(B, Hq, Lq, D)],
+        output_shapes=[(B, Lq, Hq, D)],
         output_dtypes=[q.dtype],
         init_value=init_value,
-    )[0]
+    )[0].transpose(0, 2, 1, 3)
 
 
 _device_param_cache: dict = {}

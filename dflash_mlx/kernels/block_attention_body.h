@@ -12,7 +12,8 @@
 //   buffers), SPLIT (write partials for the combine pass), SMEM_WORDS
 //   inputs q [B, Hq, Lq, D], k / v [B, Hkv, S, D] (any strides: q_strides, k_strides,
 //   v_strides), params (int32), fparams (float32)
-//   outputs out [B, Hq, Lq, D] (T), opart [rows, nsplit, D], lse [rows, nsplit] (fp32)
+//   outputs out [B, Lq, Hq, D] (T: heads last, the layout o_proj reads), opart [rows,
+//   nsplit, D], lse [rows, nsplit] (fp32), rows in [B, Hq, Lq] order
 //   df_tid, df_lane, df_warp, df_tgx, df_tgy, df_tgz, df_smem (from the entry)
 //   everything named df_* / DF_* (from the prelude)
 
@@ -244,9 +245,10 @@ if (warp_active) {
           lse[prow] = l > 0.0f ? m_i[r] + df_log2(l) : DF_NEG;
         }
       } else {
+        const df_i64 hrow = (df_i64(b) * Lq + i) * Hq + hk * G + g;  // heads last
         DF_UNROLL for (int n = 0; n < D / 8; ++n) {
           DF_UNROLL for (int j = 0; j < 2; ++j) {
-            out[orow * D + n * 8 + df_c_col(df_lane, j)] =
+            out[hrow * D + n * 8 + df_c_col(df_lane, j)] =
                 df_from_float<T>(DF_C(o[n], r, j) * inv);
           }
         }

@@ -47,6 +47,25 @@ __device__ __forceinline__ float df_row_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+__device__ __forceinline__ float df_lane_sum(float x) {
+  for (int m = 16; m > 0; m >>= 1) {
+    x += __shfl_xor_sync(0xffffffffu, x, m);
+  }
+  return x;
+}
+
+__device__ __forceinline__ float df_rsqrt(float x) {
+  return rsqrtf(x);
+}
+
+__device__ __forceinline__ float df_cos(float x) {
+  return cosf(x);
+}
+
+__device__ __forceinline__ float df_sin(float x) {
+  return sinf(x);
+}
+
 __device__ __forceinline__ float df_to_float(float x) {
   return x;
 }

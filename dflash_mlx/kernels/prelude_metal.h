@@ -1,13 +1,15 @@
-// Block attention: the Metal prelude.
+// The custom kernels: the Metal prelude.
 //
-// The kernel bodies (block_attention_body.h, combine_body.h) are shared with the CUDA
-// backend and the CPU emulator. They use only what a prelude defines:
+// The kernel bodies (block_attention_body.h, combine_body.h, matmul_body.h, qkv_body.h) are
+// shared with the CUDA backend and the CPU emulator. They use only what a prelude defines:
 //   address spaces  DF_TG (threadgroup memory), DF_DEV (device memory), DF_THR (thread)
 //   DF_UNROLL, df_i64, df_byte
 //   df_barrier()                 threadgroup-wide barrier over threadgroup memory
 //   df_simd_barrier()            simdgroup-wide barrier over threadgroup memory
 //   df_exp2, df_log2, df_fmax    fp32 math
 //   df_row_max, df_row_sum       reduce over the lanes that hold one row of a C fragment
+//   df_lane_sum                  sum over the 32 lanes of a simdgroup
+//   df_rsqrt, df_cos, df_sin     fp32 math as MLX's rms_norm and rope compute it
 //   df_to_float, df_from_float   element conversions
 //   df_aligned16, df_copy16, df_copy16_async, df_async_commit, df_async_wait1,
 //   df_async_wait0               16-byte global -> threadgroup copies
@@ -64,6 +66,22 @@ inline float df_row_max(float x) {
 inline float df_row_sum(float x) {
   x += simd_shuffle_xor(x, ushort(1));
   return x + simd_shuffle_xor(x, ushort(8));
+}
+
+inline float df_lane_sum(float x) {
+  return simd_sum(x);
+}
+
+inline float df_rsqrt(float x) {
+  return metal::precise::rsqrt(x);
+}
+
+inline float df_cos(float x) {
+  return metal::fast::cos(x);
+}
+
+inline float df_sin(float x) {
+  return metal::fast::sin(x);
 }
 
 template <typename T>

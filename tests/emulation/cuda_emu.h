@@ -99,6 +99,8 @@ inline float __uint_as_float(unsigned u) {
   return f;
 }
 
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+
 inline void __syncthreads() { df_emu::tg_barrier(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { df_emu::simd_barrier(); }
 

@@ -38,6 +38,13 @@ struct vec {
 };
 
 inline float exp2(float x) { return std::exp2(x); }
+namespace precise {
+inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
+}  // namespace precise
+namespace fast {
+inline float cos(float x) { return std::cos(x); }
+inline float sin(float x) { return std::sin(x); }
+}  // namespace fast
 inline float log2(float x) { return std::log2(x); }
 inline float max(float a, float b) { return std::fmax(a, b); }
 inline float min(float a, float b) { return std::fmin(a, b); }

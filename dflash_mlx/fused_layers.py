@@ -1,0 +1,147 @@
+"""The target's attention layers in a verify, from the fused q/k/v product in one kernel.
+
+With q/k/v fused (fuse.py), mlx-lm's attention code still slices the product and runs
+a copy, an RMS norm and a rope for q and for k (Qwen3; a rope each for Llama / Qwen2)
+before the cache write: six kernels a layer, and the host spends ~8 us encoding each
+(results/cycle_session9.md: the cycle is host-bound). Inside `routing.verifying()`, the
+attention layers of the classes in `FAMILIES` run those steps as one kernel
+(kernels/qkv.py); the cache write, the module's (routed) attention function and o_proj
+stay the model's own.
+
+`FAMILIES` lists the attention classes whose code this reproduces, read from mlx-lm's
+sources (norms or not); a layer of any other class, with a RoPE the kernel does not
+compute (`qkv.rotary`), or unfused, keeps its own code, as does every call outside a
+verify and every call where the kernel does not run (the CPU). The draft's attention
+takes the same kernel through `draft_heads` while a session has its projections fused.
+
+The MLP needs nothing of the kind: MLX's compiled swiglu reads the fused gate/up
+product's two slices in place (a kernel replacing it measured no kernel fewer and more
+device time, results/cycle_session10.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import replace
+from types import ModuleType
+from typing import Any
+
+import mlx.core as mx
+from mlx import nn
+
+from . import fuse
+from .fuse import FusedGroup
+from .kernels import matmul, qkv
+from .kernels.routing import is_verifying
+from .patch import Patches, unhooked_type
+from .tap import target_layers
+
+# (module, class) -> whether it RMS-normalises q and k per head (q_norm / k_norm).
+FAMILIES = {
+    ("mlx_lm.models.llama", "Attention"): False,
+    ("mlx_lm.models.qwen2", "Attention"): False,
+    ("mlx_lm.models.qwen3", "Attention"): True,
+    ("mlx_lm.models.qwen3_moe", "Attention"): True,
+}
+_SDPA = "scaled_dot_product_attention"
+
+
+def _classes(names: dict[tuple[str, str], bool]) -> dict[type, bool]:
+    out = {}
+    for (module, name), value in names.items():
+        try:
+            out[getattr(importlib.import_module(module), name)] = value
+        except (ImportError, AttributeError):  # an mlx-lm without that family
+            continue
+    return out
+
+
+def _group(module: nn.Module | None) -> FusedGroup | None:
+    group = module.__dict__.get("_dflash_fused") if module is not None else None
+    return group if isinstance(group, FusedGroup) and group.current() else None
+
+
+def layout(attn: nn.Module, norms: bool, group: FusedGroup, rope: nn.Module) -> qkv.Layout | None:
+    """The kernel's description of `attn` (q/k/v fused as `group`), or None where it
+    does not apply."""
+    start, end = group.columns[0]  # q's columns of the product
+    head_dim = (end - start) // attn.n_heads
+    rotary = qkv.rotary(rope, head_dim)
+    if rotary is None:
+        return None
+    if not norms:
+        return qkv.Layout(attn.n_heads, attn.n_kv_heads, head_dim, rotary)
+    q_norm, k_norm = attn.q_norm, attn.k_norm
+    if q_norm.eps != k_norm.eps:
+        return None
+    return qkv.Layout(
+        attn.n_heads, attn.n_kv_heads, head_dim, rotary, q_norm.weight, k_norm.weight, q_norm.eps
+    )
+
+
+def install(model: nn.Module, patches: Patches) -> None:
+    """Hook the target's attention layers that qualify (after fuse.install)."""
+    if qkv.active_backend() is None:
+        return
+    classes = _classes(FAMILIES)
+    for layer in target_layers(model):
+        attn = getattr(layer, "self_attn", None)
+        norms = classes.get(unhooked_type(attn))
+        group = _group(attn)
+        spec = layout(attn, norms, group, attn.rope) if norms is not None and group else None
+        if spec is None:
+            continue
+        module = sys.modules[unhooked_type(attn).__module__]
+
+        def hook(call, inst, x, mask=None, cache=None, group=group, spec=spec, module=module):
+            out = None
+            if is_verifying() and cache is not None and x.shape[1] <= matmul.MAX_ROWS:
+                out = _attention(inst, x, mask, cache, group, spec, module)
+            return call(inst, x, mask, cache) if out is None else out
+
+        patches.hook_call(attn, hook)
+
+
+def _attention(
+    attn: nn.Module,
+    x: mx.array,
+    mask: Any,
+    cache: Any,
+    group: FusedGroup,
+    spec: qkv.Layout,
+    module: ModuleType,
+) -> mx.array | None:
+    offset = cache.offset
+    if not isinstance(offset, int) and offset.size != 1:
+        return None  # one position per sequence of a batch: the model's own code
+    heads = qkv.split_heads(group.product(x), spec, offset)
+    if heads is None:
+        return None
+    q, k, v = heads
+    k, v = cache.update_and_fetch(k, v)
+    # The function by the module's own name: routed to block attention in a verify.
+    out = getattr(module, _SDPA)(q, k, v, cache=cache, scale=attn.scale, mask=mask)
+    B, L, _ = x.shape
+    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def draft_heads(
+    attn: nn.Module, x: mx.array, rope: nn.Module, offset: int | mx.array, skip_q: bool = False
+) -> tuple[mx.array | None, mx.array, mx.array] | None:
+    """The draft's (q, k, v) for x at positions offset…, from its fused q/k/v product in
+    one kernel (q None with skip_q), or None for its own code: where no session has
+    fused its projections for this input (fuse.draft_rows) or the kernel does not run."""
+    group = _group(attn)
+    if group is None or not group.serving or not fuse.draft_rows(x):
+        return None
+    key = (id(rope), id(group), skip_q)
+    spec = attn.__dict__.get("_dflash_qkv", {}).get(key, False)
+    if spec is False:  # the draft's layers are Qwen3's: q and k normalised per head
+        spec = layout(attn, True, group, rope)
+        if spec is not None and skip_q:
+            spec = replace(spec, skip_q=True)
+        attn.__dict__.setdefault("_dflash_qkv", {})[key] = spec
+    if spec is None:
+        return None
+    return qkv.split_heads(group.product(x), spec, offset)
