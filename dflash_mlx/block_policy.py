@@ -25,11 +25,7 @@ drafts again (at the width the prior would pick): after 4 plain steps where the 
 says drafting pays, else only when the probe's expected loss (its time less that of the
 plain steps for its expected tokens) stays under 2 % of the plain steps' (a CPU). The
 spacing doubles while probes keep failing, so a pair that does not pay costs little
-more than plain decoding. After a probe that paid, the width widens from the probe's
-step by step (the next candidate near twice it, each time a cycle at the widest allowed
-pays) instead of jumping to the prior's: one cheap probe that paid says little about a
-wide cycle, which on a CPU at 4k context costs ~8 plain steps (results/
-auto_cpu_session10.md).
+more than plain decoding.
 
 The width never changes a result: greedy output is the target's own at every width and
 sampling stays exact, since the choice depends only on cycles already finished.
@@ -210,7 +206,6 @@ class AutoPolicy:
         self.plain = 0  # plain steps since the last drafting cycle
         self.failed_probes = 0
         self._probe: int | None = None  # width of the probe in flight
-        self.ceiling: int | None = None  # widest width allowed since a probe paid
         self.since_wider = 0  # drafting cycles since a wider width than the best was tried
 
     def seconds(self, width: int) -> float:
@@ -256,19 +251,16 @@ class AutoPolicy:
         for a width that pays more than the best one so far."""
         return min(self.widths, key=lambda w: (abs(w - 2 * width), -w))
 
-    def allowed(self) -> list[int]:
-        return [w for w in self.widths if self.ceiling is None or w <= self.ceiling]
-
     def choose(self) -> int:
         if self.plain == 0:
-            width = self.best(self.allowed())
+            width = self.best(self.widths)
             if 1 < width < self.max_width:
                 # Costs measured at another context and rates of untried positions are
                 # guesses: now and then a wider cycle measures both.
                 self.since_wider += 1
                 if self.since_wider >= WIDER_EVERY:
                     self.since_wider = 0
-                    return min(self.wider(width), max(self.allowed()))
+                    return self.wider(width)
             if width > 1:
                 return width
         # Drafting does not pay, or stopped paying: plain steps, now and then a probe
@@ -294,24 +286,15 @@ class AutoPolicy:
         self._seen.add(width)
         if width == 1:
             return
-        # (A width outside the measured ones is the loop's last cycle, cut to the tokens
-        # left: it says nothing about paying.)
-        paid = width in self.costs.seconds and (1 + accepted) / self.seconds(
-            width
-        ) > 1 / self.seconds(1)
         if self._probe == width:
             self._probe = None
-            if paid:
-                # The text changed: judge it afresh from the prior, widening from here.
+            if (1 + accepted) / self.seconds(width) > 1 / self.seconds(1):
+                # It paid for itself: the text changed; judge it afresh from the prior.
                 self.failed_probes = 0
                 self.acceptance = Acceptance(list(self.prior))
                 self.realized = {}
-                self.ceiling = self.wider(width)
             else:
                 self.failed_probes += 1
-        elif paid and self.ceiling is not None and width >= self.ceiling:
-            wider = self.wider(self.ceiling)
-            self.ceiling = None if wider >= self.max_width else wider
         self.acceptance.observe(width, accepted)
         for stats in self.realized.values():
             stats[0] *= self.acceptance.decay

@@ -174,41 +174,6 @@ def test_a_text_in_stretches_is_drafted_at_its_best_width():
     assert by_hand == 16 and late.most_common(1)[0][0] == by_hand
 
 
-def test_after_a_cheap_probe_pays_the_width_widens_step_by_step():
-    """CPU-like costs at 4k context (a width-12 cycle ~7 plain steps) and a text whose
-    drafts fail but for one accepted draft in each probe: a probe of width 2 pays, and
-    positions past the one drafted then take its rate, so the prior's rates would send
-    the next cycles wide; they stay within twice the probe (4) until a cycle that wide
-    pays. When the text turns predictable, the width still reaches the block."""
-    seconds = {1: 1.0, 2: 1.7, 3: 2.3, 4: 2.5, 5: 3.0, 6: 3.4, 8: 4.5, 10: 5.3, 12: 7.2, 16: 9.5}
-    prior = [0.74, 0.62, 0.55, 0.5, 0.45, 0.45, 0.4, 0.4, 0.4, 0.35, 0.35, 0.3, 0.3, 0.3, 0.3]
-
-    def drafting_widths(capped: bool) -> list[int]:
-        policy = AutoPolicy(Costs(seconds), prior, 16)
-        widths = []
-        for _ in range(200):
-            w = policy.choose()
-            widths += [w] if w > 1 else []
-            policy.observe(w, int(w > 1 and policy._probe == w), seconds[w])
-            if not capped:
-                policy.ceiling = None
-        return widths
-
-    assert max(drafting_widths(capped=False)) > 4  # what the ceiling prevents
-    assert max(drafting_widths(capped=True)) == 4
-    policy = AutoPolicy(Costs(seconds), prior, 16)
-    widths = []
-    for i in range(400):
-        w = policy.choose()
-        widths.append(w)
-        predictable = i >= 200
-        policy.observe(w, w - 1 if predictable else int(w > 1 and policy._probe == w), seconds[w])
-    assert policy.ceiling is None and max(widths[-20:]) == 16
-    policy.ceiling = 4
-    policy.observe(7, 6, 1.0)  # a last cycle cut to the tokens left: not a measured width
-    assert policy.ceiling == 4
-
-
 def test_fixed_and_bad_block_sizes():
     assert isinstance(make_policy(None, None, 6), FixedPolicy)
     assert make_policy(None, None, 6).choose() == 6
