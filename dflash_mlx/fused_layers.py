@@ -89,7 +89,11 @@ def install(model: nn.Module, patches: Patches) -> None:
         attn = getattr(layer, "self_attn", None)
         norms = classes.get(unhooked_type(attn))
         group = _group(attn)
-        spec = layout(attn, norms, group, attn.rope) if norms is not None and group else None
+        spec = (
+            layout(attn, norms, group, attn.rope)
+            if norms is not None and group is not None
+            else None
+        )
         if spec is None:
             continue
         module = sys.modules[unhooked_type(attn).__module__]

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import math
 import threading
-from functools import lru_cache
 
 import mlx.core as mx
 
-from .backend import KernelFactory, KernelSite, mlx_factory, read_switch
+from .backend import KernelFactory, KernelSite, constant, mlx_factory, read_switch
 from .source import (
     MAX_QUERIES,
     PASS1_INPUTS,
@@ -115,21 +114,6 @@ def _kernel(backend: str, factory: KernelFactory, pass_: int, smem: int):
     return kern
 
 
-# The small parameter arrays repeat from call to call (one per cache length): reuse them.
-@lru_cache(maxsize=4096)
-def _int_array(values: tuple) -> mx.array:
-    a = mx.array(values, dtype=mx.int32)
-    mx.eval(a)
-    return a
-
-
-@lru_cache(maxsize=64)
-def _float_array(value: float) -> mx.array:
-    a = mx.array([value], dtype=mx.float32)
-    mx.eval(a)
-    return a
-
-
 def launch(
     q: mx.array,
     k: mx.array,
@@ -161,8 +145,8 @@ def launch(
         split_on_device = valid_length is not None
     split_len = 0 if split_on_device else plan.split_len
     fields = (Lq, G, S, Hkv, plan.kv_lo, split_len, plan.nsplit, int(causal), window or 0, 0)
-    params = _int_array(fields) if valid_length is None else _device_params(fields, valid_length)
-    fparams = _float_array(scale * _LOG2E)
+    params = constant(fields) if valid_length is None else _device_params(fields, valid_length)
+    fparams = constant((scale * _LOG2E,), mx.float32)
     kern = _kernel(backend, factory, 1, plan.smem_bytes)
     outs = kern(
         inputs=[q, k, v, params, fparams],
@@ -192,7 +176,7 @@ def launch(
         return outs[0].transpose(0, 2, 1, 3)
     combine = _kernel(backend, factory, 2, 0)
     return combine(
-        inputs=[outs[1], outs[2], _int_array((rows, plan.nsplit, D, Lq, Hq))],
+        inputs=[outs[1], outs[2], constant((rows, plan.nsplit, D, Lq, Hq))],
         template=[("T", q.dtype)],
         grid=(rows * D, 1, 1),
         threadgroup=(256, 1, 1),
@@ -213,8 +197,8 @@ def _device_params(fields: tuple, valid_length: mx.array) -> mx.array:
     if hit is None or hit[0] is not valid_length:
         if len(_device_param_cache) > 64:
             _device_param_cache.clear()
-        base = _int_array(fields[:2] + (0,) + fields[3:])
-        unit = _int_array(tuple(int(i == 2) for i in range(len(fields))))
+        base = constant(fields[:2] + (0,) + fields[3:])
+        unit = constant(tuple(int(i == 2) for i in range(len(fields))))
         hit = _device_param_cache[key] = (valid_length, base + valid_length * unit)
     return hit[1]
 

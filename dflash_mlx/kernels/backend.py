@@ -12,7 +12,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import cache
+from functools import cache, lru_cache
 
 import mlx.core as mx
 
@@ -53,6 +53,24 @@ def mlx_factory(backend: str, row_contiguous: bool = False) -> KernelFactory:
         )
 
     return make
+
+
+# Kernel parameters repeat from call to call (one per cache length, shape, scale): each
+# distinct one is made and evaluated once.
+@lru_cache(maxsize=4096)
+def constant(values: tuple, dtype: mx.Dtype = mx.int32) -> mx.array:
+    """An evaluated small array of `values`."""
+    a = mx.array(values, dtype=dtype)
+    mx.eval(a)
+    return a
+
+
+@lru_cache(maxsize=8)
+def placeholder(dtype: mx.Dtype) -> mx.array:
+    """An evaluated 1-element array for a kernel input this call does not read."""
+    a = mx.zeros((1,), dtype=dtype)
+    mx.eval(a)
+    return a
 
 
 def gpu_backend(row_contiguous: bool = False) -> tuple[str, KernelFactory] | None:

@@ -25,7 +25,7 @@ from functools import lru_cache
 import mlx.core as mx
 from mlx import nn
 
-from .backend import KernelFactory, KernelSite, mlx_factory, read_switch
+from .backend import KernelFactory, KernelSite, constant, mlx_factory, placeholder, read_switch
 from .source import read_source
 
 SWITCH_ENV = "DFLASH_MATMUL"
@@ -191,20 +191,6 @@ def _kernel(backend: str, factory: KernelFactory, pass_: int, quant: bool, smem:
     return kern
 
 
-@lru_cache(maxsize=4096)
-def _int_array(values: tuple) -> mx.array:
-    a = mx.array(values, dtype=mx.int32)
-    mx.eval(a)
-    return a
-
-
-@lru_cache(maxsize=8)
-def _dummy(dtype: mx.Dtype) -> mx.array:
-    a = mx.zeros((1,), dtype=dtype)
-    mx.eval(a)
-    return a
-
-
 def launch(
     x: mx.array,
     w: mx.array,
@@ -228,8 +214,8 @@ def launch(
     N = w.shape[0]
     out_shape = (*x.shape[:-1], N)
     split = plan.nsplit > 1
-    dummy = _dummy(x.dtype)
-    params = _int_array((M, N, K, plan.k_split, plan.nsplit))
+    dummy = placeholder(x.dtype)
+    params = constant((M, N, K, plan.k_split, plan.nsplit))
     quant = bits != 0
     has_bias = bias is not None and not split
     mf = math.ceil(M / 8)

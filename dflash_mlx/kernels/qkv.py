@@ -18,14 +18,13 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from functools import lru_cache
 
 import mlx.core as mx
 import numpy as np
 from mlx import nn
 from mlx_lm.models.rope_utils import Llama3RoPE
 
-from .backend import KernelFactory, KernelSite
+from .backend import KernelFactory, KernelSite, constant, placeholder
 from .source import read_source
 
 INPUTS = ["y", "qw", "kw", "freqs", "pos", "params", "fparams"]
@@ -126,11 +125,11 @@ def _launch(y, layout, offset, backend, factory, init_value=None):
     rows = B * L
     units = rows * (Hq + 2 * Hkv - first)
     norm = layout.q_norm is not None
-    qw = layout.q_norm if norm else _placeholder(y.dtype)  # unread without the norm
-    kw = layout.k_norm if norm else _placeholder(y.dtype)
-    pos = _int_array((offset,)) if isinstance(offset, int) else offset.reshape(1)
+    qw = layout.q_norm if norm else placeholder(y.dtype)  # unread without the norm
+    kw = layout.k_norm if norm else placeholder(y.dtype)
+    pos = constant((offset,)) if isinstance(offset, int) else offset.reshape(1)
     rot = layout.rotary
-    freqs = _placeholder(mx.float32) if rot.freqs is None else rot.freqs  # or unread
+    freqs = placeholder(mx.float32) if rot.freqs is None else rot.freqs  # or unread
     kern = _kernel(backend, factory)
     grid = math.ceil(units * 32 / THREADS) * THREADS
     q, k, v = kern(
@@ -140,8 +139,8 @@ def _launch(y, layout, offset, backend, factory, init_value=None):
             kw,
             freqs,
             pos,
-            _int_array((rows, L, Hq, Hkv, first)),
-            _float_array((layout.eps, rot.scale, rot.log2_base)),
+            constant((rows, L, Hq, Hkv, first)),
+            constant((layout.eps, rot.scale, rot.log2_base), mx.float32),
         ],
         template=[("T", y.dtype), ("D", D), ("NORM", int(norm))],
         grid=(grid, 1, 1),
@@ -239,18 +238,3 @@ def _self_check(backend: str, factory: KernelFactory, dtype, head_dim: int, norm
 def _evaluated(a: mx.array) -> mx.array:
     mx.eval(a)
     return a
-
-
-@lru_cache(maxsize=8)
-def _placeholder(dtype: mx.Dtype) -> mx.array:
-    return _evaluated(mx.zeros((1,), dtype=dtype))
-
-
-@lru_cache(maxsize=4096)
-def _int_array(values: tuple) -> mx.array:
-    return _evaluated(mx.array(values, dtype=mx.int32))
-
-
-@lru_cache(maxsize=64)
-def _float_array(values: tuple) -> mx.array:
-    return _evaluated(mx.array(values, dtype=mx.float32))
