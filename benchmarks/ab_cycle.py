@@ -4,7 +4,7 @@ checkout (compiled static cycle, the same cycle eager, the general path) and, wi
 
     git archive <commit> dflash_mlx | tar -x -C /tmp/old && mv /tmp/old/dflash_mlx /tmp/old/dflash_mlx_old
     PYTHONPATH=/tmp/old python benchmarks/ab_cycle.py --other dflash_mlx_old --shape 8b \
-        --contexts 1024,16384 --rounds 3
+        --contexts 1024,16384 --rounds 3 [--env DFLASH_MATMUL=kernel]
 
 The package uses relative imports, so a renamed copy imports side by side with this one.
 Timings on the GPU machine move by tens of percent between processes; alternating A and
@@ -19,6 +19,7 @@ import argparse
 import importlib
 import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -71,6 +72,12 @@ def main() -> None:
     p.add_argument("--cycles", type=int, default=24)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--static-max", type=int, default=None, help="this checkout's static limit")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        help="NAME=VALUE: also run this checkout's compiled cycle with it set (a column each)",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args()
     this = importlib.import_module("dflash_mlx")
@@ -115,6 +122,16 @@ def main() -> None:
                 )
             finally:
                 session.can_go_static = can
+            for setting in args.env:  # e.g. DFLASH_MATMUL=kernel, alternating with the rest
+                name, value = setting.split("=", 1)
+                before = os.environ.get(name)
+                os.environ[name] = value
+                try:
+                    row[f"{setting}_ms"], _ = cycle_ms(
+                        this, model, draft, prompt, args.cycles, args.block_size
+                    )
+                finally:
+                    os.environ.pop(name) if before is None else os.environ.update({name: before})
             if other:
                 row["other_ms"], _ = cycle_ms(
                     other, model, other_draft, prompt, args.cycles, args.block_size

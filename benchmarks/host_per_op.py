@@ -7,13 +7,16 @@ never what the host waits for) is built (Python), then launched with mx.async_ev
 (MLX encodes every op: kernel arguments, CUDA graph nodes and launches), then waited
 for. Reported: microseconds per op for building and for the launch, the host's two
 parts. Kinds: elementwise add, a compiled elementwise chain (one fused kernel a call),
-bf16 matmul (16 x 512 x 512, cuBLAS), rms_norm, rope, a dynamic slice_update (a static
-cache write), and a custom kernel (the block-attention kernel, both passes).
+bf16 matmul (16 x 512 x 512, cuBLAS), rms_norm, rope, a dynamic slice_update and a
+put_along_axis (a static cache write), custom kernels (block attention, both passes;
+the q/k/v kernel, independent calls), and the same rms_norm / matmul / add ops replayed
+from one compiled function (what a compiled cycle pays per kernel).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -36,7 +39,15 @@ def kinds() -> dict:
     buf = mx.zeros((1, 4, 256, 64), dtype=mx.bfloat16)
     at = mx.array([5], dtype=mx.int32)
     fused = mx.compile(lambda a: mx.tanh(a * 0.5 + 0.1) * a)
-    mx.eval(x, w, nw, rope_x, buf, at)
+    rows = (at + mx.arange(16, dtype=mx.int32)).reshape(1, 1, 16, 1)
+
+    def layers(a):  # 10 x 3 kernels, none of them fusable with its neighbours
+        for _ in range(10):
+            a = a + mx.fast.rms_norm(a, nw, 1e-6) @ w
+        return a
+
+    stack = mx.compile(layers)
+    mx.eval(x, w, nw, rope_x, buf, at, rows)
     out = {
         "add": (x, lambda a: a + 1),
         "compiled elementwise": (x, fused),
@@ -50,6 +61,12 @@ def kinds() -> dict:
             buf,
             lambda b: mx.slice_update(b, rope_x, at, axes=(2,)),
         ),
+        "put_along_axis (device offset)": (
+            buf,
+            lambda b: mx.put_along_axis(b, rows, rope_x, axis=2),
+        ),
+        "eager (rms_norm, matmul, add) per kernel": (x, layers, 30),
+        "compiled (rms_norm, matmul, add) per kernel": (x, stack, 30),
     }
     active = gpu_backend()
     if active is not None:
@@ -70,6 +87,61 @@ def kinds() -> dict:
             factory=factory,
         )
         out["custom kernel (block attention, 2 passes)"] = (q, step)
+        from dflash_mlx.kernels import qkv
+
+        layout = qkv.Layout(8, 2, 128, qkv.Rotary(13.2877, None, 1.0), nw[:128], nw[:128], 1e-6)
+        y = mx.random.normal((1, 16, 12 * 128)).astype(mx.bfloat16)
+        mx.eval(y)
+        heads = lambda a: qkv._launch(y, layout, at, backend, factory)[1]
+        out["custom kernel (q/k/v heads, independent)"] = (y, heads, 1, False)
+        out["rms_norm (independent)"] = (x, lambda a: mx.fast.rms_norm(x, nw, 1e-6), 1, False)
+        out.update(source_sizes(backend, factory, x))
+        from dflash_mlx.kernels import matmul
+
+        os.environ[matmul.SWITCH_ENV] = "kernel"  # the kernel for bf16 too (A/B)
+        xs = mx.random.normal((16, 4096)).astype(mx.bfloat16)
+        ws = (mx.random.normal((4096, 4096)) * 0.02).astype(mx.bfloat16)
+        mx.eval(xs, ws)
+        out["matmul 16x4096x4096 (cuBLAS)"] = (xs, lambda a: a @ ws.T)
+        out["matmul 16x4096x4096 (skinny kernel)"] = (xs, lambda a: matmul.skinny_matmul(a, ws))
+        stock = mx.compile(lambda a: a @ ws.T)
+        kernel = mx.compile(lambda a: matmul.skinny_matmul(a, ws))
+        out["compiled matmul 16x4096x4096 (cuBLAS)"] = (xs, stock)
+        out["compiled matmul 16x4096x4096 (skinny kernel)"] = (xs, kernel)
+    return out
+
+
+def source_sizes(backend, factory, x) -> dict:
+    """One tiny custom kernel built with headers of growing length (the prelude as
+    written, compacted, padded with a comment): what the host pays per byte of source."""
+    from dflash_mlx.kernels.source import _DIR, compact
+
+    raw = (_DIR / f"prelude_{backend}.h").read_text()
+    headers = {
+        "no header": "",
+        f"prelude as written, {len(raw) // 1000} KB": raw,
+        f"prelude compacted, {len(compact(raw)) // 1000} KB": compact(raw),
+        f"prelude + comment, {(len(raw) + 60000) // 1000} KB": raw + "//" + "x" * 60000 + "\n",
+    }
+    if backend == "cuda":
+        body = "const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+    else:
+        body = "const uint i = thread_position_in_grid.x;\n"
+    body += "if (i < 16 * 512) { out[i] = inp[i] + (T)1; }\n"
+    out = {}
+    for label, header in headers.items():
+        kern = factory(f"df_tiny_{len(header)}", ["inp"], ["out"], body, header, 0)
+        launch = lambda a, kern=kern: kern(
+            inputs=[a],
+            template=[("T", a.dtype)],
+            grid=(16 * 512, 1, 1),
+            threadgroup=(256, 1, 1),
+            output_shapes=[a.shape],
+            output_dtypes=[a.dtype],
+        )[0]
+        out[f"custom kernel (tiny, {label})"] = (x, launch)
+        step = mx.compile(lambda a, launch=launch: launch(launch(a)))
+        out[f"compiled custom kernel (tiny, {label})"] = (x, step, 2)
     return out
 
 
@@ -79,13 +151,19 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     print(f"mlx {mx.__version__} on {mx.default_device()}")
-    for name, (x0, op) in kinds().items():
+    for name, (x0, op, *how) in kinds().items():
+        per_call, chained = (how + [1, True])[:2] if how else (1, True)
+        calls = max(1, args.ops // per_call)
         builds, launches = [], []
         for r in range(args.repeats + 1):
             tic = time.perf_counter()
             y = x0
-            for _ in range(args.ops):
+            outs = []
+            for _ in range(calls):
                 y = op(y)
+                if not chained:
+                    outs.append(y)
+            y = outs if outs else y
             built = time.perf_counter()
             mx.async_eval(y)
             launched = time.perf_counter()
@@ -93,7 +171,7 @@ def main() -> int:
             if r:  # the first run compiles kernels
                 builds.append(built - tic)
                 launches.append(launched - built)
-        per = lambda ts: 1e6 * statistics.median(ts) / args.ops
+        per = lambda ts, n=calls * per_call: 1e6 * statistics.median(ts) / n
         print(f"{name:<44} build {per(builds):6.2f} us/op  launch {per(launches):6.2f} us/op")
     return 0
 

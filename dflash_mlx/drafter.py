@@ -19,7 +19,7 @@ from .kernels import block_attention
 from .kernels.attention import kernel_attention
 from .rope import make_rope
 from .sampling import SamplingParams
-from .static_cache import StaticKVCache
+from .static_cache import StaticKVCache, write_stacked
 
 
 def finish_logits(logits: mx.array, config: DraftConfig) -> mx.array:
@@ -77,7 +77,7 @@ class Attention(nn.Module):
         """Project context features to keys/values at their positions and cache them."""
         heads = fused_layers.draft_heads(self, context, rope, cache.offset, skip_q=True)
         if heads is not None:  # one kernel from the session's fused product
-            cache.update_and_fetch(*heads[1:])
+            write_stacked(cache, heads[1])
             return
         k, v = self._kv(context)
         cache.update_and_fetch(rope(k, offset=cache.offset), v)
@@ -92,17 +92,17 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         start = cache.offset
         heads = fused_layers.draft_heads(self, x, rope, start)
+        # The block's keys/values go into the cache buffer right after the context, are
+        # attended to in place, and are dropped again (trim): the context is never copied.
+        # The next add_context overwrites them with the committed positions.
         if heads is not None:  # one kernel from the session's fused product
-            q, k, v = heads
+            q, kv = heads
+            k, v = write_stacked(cache, kv)
         else:
             q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
             q = rope(self.q_norm(q).transpose(0, 2, 1, 3), offset=start)
             k, v = self._kv(x)
-            k = rope(k, offset=start)
-        # The block's keys/values go into the cache buffer right after the context, are
-        # attended to in place, and are dropped again (trim): the context is never copied.
-        # The next add_context overwrites them with the committed positions.
-        k, v = cache.update_and_fetch(k, v)
+            k, v = cache.update_and_fetch(rope(k, offset=start), v)
         if isinstance(cache, StaticKVCache):  # length on the device: masked, not sliced
             # The kernel reads the valid length on the device, as the target's static
             # verify does; SDPA with the mask over the whole buffer cost 549 us a layer
@@ -142,6 +142,18 @@ class MLP(nn.Module):
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def add_then_norm(
+    x: mx.array, r: mx.array, norm: nn.Module, attn: nn.Module
+) -> tuple[mx.array, mx.array]:
+    """(x + r, norm(x + r)): one kernel while a session serves this layer's fused
+    projections (fused_layers.draft_add_norm), else the two ops."""
+    fused = fused_layers.draft_add_norm(attn, x, r, norm)
+    if fused is not None:
+        return fused
+    h = x + r
+    return h, norm(h)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: DraftConfig, sliding: bool):
         super().__init__()
@@ -150,9 +162,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def __call__(self, x, rope, cache, context_window):
-        h = x + self.self_attn(self.input_layernorm(x), rope, cache, context_window)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def __call__(self, x, rope, cache, context_window, normed=None, after=None):
+        """x + attention + MLP. `normed`: input_layernorm(x) if already computed; with
+        `after` (the norm the output goes into next) returns (output, after(output)):
+        each residual add and its norm one kernel where a session serves them."""
+        normed = self.input_layernorm(x) if normed is None else normed
+        r = self.self_attn(normed, rope, cache, context_window)
+        h, normed = add_then_norm(x, r, self.post_attention_layernorm, self.self_attn)
+        r = self.mlp(normed)
+        return h + r if after is None else add_then_norm(h, r, after, self.self_attn)
 
 
 class DraftModel(nn.Module):
@@ -247,9 +265,19 @@ class DraftModel(nn.Module):
         if context is not None:
             self.add_context(context, cache)
         h = self.embed(block) if block.ndim == 2 else block
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, self.rope, c, context_window)
-        return self.norm(h)
+        normed = None  # input_layernorm(h) of the next layer, where the one before gave it
+        for i, (layer, c) in enumerate(zip(self.layers, cache)):
+            if type(layer) is not DecoderLayer:  # DFlash 2's layers: their own code
+                h, normed = layer(h, self.rope, c, context_window), None
+                continue
+            following = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            if following is None:
+                after = self.norm
+            else:
+                after = following.input_layernorm if type(following) is DecoderLayer else None
+            out = layer(h, self.rope, c, context_window, normed, after)
+            h, normed = out if after is not None else (out, None)
+        return normed if normed is not None else self.norm(h)
 
     def propose(
         self,

@@ -17,6 +17,12 @@ takes the same kernel through `draft_heads` while a session has its projections 
 The MLP needs nothing of the kind: MLX's compiled swiglu reads the fused gate/up
 product's two slices in place (a kernel replacing it measured no kernel fewer and more
 device time, results/cycle_session10.md).
+
+Between sublayers, `install_blocks` runs each residual add and the RMS norm after it as
+one kernel (kernels/add_norm.py) in the decoder layers of the classes in `BLOCKS`: the
+add after attention with post_attention_layernorm, and the add after the MLP with the
+NEXT layer's input_layernorm (or the final norm), whose result waits for that norm's
+call (served only for that very array). Two kernels a layer instead of four.
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ from mlx import nn
 
 from . import fuse
 from .fuse import FusedGroup
-from .kernels import matmul, qkv
+from .kernels import add_norm, matmul, qkv
 from .kernels.routing import is_verifying
 from .patch import Patches, unhooked_type
-from .tap import target_layers
+from .static_cache import write_stacked
+from .tap import _text_model, target_layers
 
 # (module, class) -> whether it RMS-normalises q and k per head (q_norm / k_norm).
 FAMILIES = {
@@ -45,6 +52,14 @@ FAMILIES = {
     ("mlx_lm.models.qwen3_moe", "Attention"): True,
 }
 _SDPA = "scaled_dot_product_attention"
+# Decoder layers whose __call__ is, read from mlx-lm's sources:
+#   h = x + self_attn(input_layernorm(x), mask, cache); out = h + mlp(post_attention_layernorm(h))
+BLOCKS = (
+    ("mlx_lm.models.llama", "TransformerBlock"),
+    ("mlx_lm.models.qwen2", "TransformerBlock"),
+    ("mlx_lm.models.qwen3", "TransformerBlock"),
+    ("mlx_lm.models.qwen3_moe", "Qwen3MoeDecoderLayer"),
+)
 
 
 def _classes(names: dict[tuple[str, str], bool]) -> dict[type, bool]:
@@ -122,8 +137,8 @@ def _attention(
     heads = qkv.split_heads(group.product(x), spec, offset)
     if heads is None:
         return None
-    q, k, v = heads
-    k, v = cache.update_and_fetch(k, v)
+    q, kv = heads
+    k, v = write_stacked(cache, kv)
     # The function by the module's own name: routed to block attention in a verify.
     out = getattr(module, _SDPA)(q, k, v, cache=cache, scale=attn.scale, mask=mask)
     B, L, _ = x.shape
@@ -132,9 +147,10 @@ def _attention(
 
 def draft_heads(
     attn: nn.Module, x: mx.array, rope: nn.Module, offset: int | mx.array, skip_q: bool = False
-) -> tuple[mx.array | None, mx.array, mx.array] | None:
-    """The draft's (q, k, v) for x at positions offset…, from its fused q/k/v product in
-    one kernel (q None with skip_q), or None for its own code: where no session has
+) -> tuple[mx.array | None, mx.array] | None:
+    """The draft's (q, kv) for x at positions offset…, from its fused q/k/v product in
+    one kernel (kv: keys and values stacked, `static_cache.write_stacked`; q None with
+    skip_q), or None for its own code: where no session has
     fused its projections for this input (fuse.draft_rows) or the kernel does not run."""
     group = _group(attn)
     if group is None or not group.serving or not fuse.draft_rows(x):
@@ -149,3 +165,74 @@ def draft_heads(
     if spec is None:
         return None
     return qkv.split_heads(group.product(x), spec, offset)
+
+
+def install_blocks(model: nn.Module, patches: Patches) -> None:
+    """Hook the target's decoder layers of the classes in `BLOCKS`, and the norms that
+    follow them, so that a verify runs each residual add with its norm as one kernel.
+    Installed before the feature tap, whose hook then records these layers' outputs."""
+    if add_norm.active_backend() is None:
+        return
+    classes = _classes(dict.fromkeys(BLOCKS, True))
+    layers = target_layers(model)
+    final = getattr(_text_model(model), "norm", None)
+    # The norm each layer's output goes into next: the following layer's input norm when
+    # that layer is hooked too (it calls it on exactly this output), else the final norm.
+    hooked = [unhooked_type(layer) in classes for layer in layers]
+    waiting: dict[int, tuple[mx.array, mx.array]] = {}  # id(norm) -> (its input, output)
+    served: set[int] = set()
+    for i, layer in enumerate(layers):
+        if not hooked[i]:
+            continue
+        if i + 1 < len(layers):
+            after = layers[i + 1].input_layernorm if hooked[i + 1] else None
+        else:
+            after = final
+        patches.hook_call(layer, _block_hook(after, waiting))
+        if after is not None and id(after) not in served:
+            served.add(id(after))
+            patches.hook_call(after, _norm_hook(waiting))
+    patches.defer(waiting.clear)
+
+
+def _block_hook(after: nn.Module | None, waiting: dict):
+    def hook(call, layer, x, mask=None, cache=None):
+        if not (is_verifying() and x.ndim == 3 and x.shape[1] <= matmul.MAX_ROWS):
+            return call(layer, x, mask, cache)
+        r = layer.self_attn(layer.input_layernorm(x), mask, cache)
+        fused = add_norm.add_rms_norm(x, r, layer.post_attention_layernorm)
+        if fused is None:  # mlx-lm's own code from here (attention has run: not again)
+            h = x + r
+            normed = layer.post_attention_layernorm(h)
+        else:
+            h, normed = fused
+        r = layer.mlp(normed)
+        fused = add_norm.add_rms_norm(h, r, after) if after is not None else None
+        if fused is None:
+            return h + r
+        waiting[id(after)] = fused
+        return fused[0]
+
+    return hook
+
+
+def _norm_hook(waiting: dict):
+    def hook(call, norm, x):
+        ready = waiting.get(id(norm))
+        if ready is not None and ready[0] is x:
+            del waiting[id(norm)]
+            return ready[1]
+        return call(norm, x)
+
+    return hook
+
+
+def draft_add_norm(
+    attn: nn.Module, x: mx.array, r: mx.array, norm: nn.Module
+) -> tuple[mx.array, mx.array] | None:
+    """(x + r, norm(x + r)) for a draft layer (whose attention is `attn`) in one kernel
+    while a session serves its fused projections (as draft_heads), else None."""
+    group = _group(attn)
+    if group is None or not group.serving or not fuse.draft_rows(x):
+        return None
+    return add_norm.add_rms_norm(x, r, norm)

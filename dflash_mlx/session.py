@@ -189,6 +189,7 @@ class VerifySession:
     def __enter__(self) -> VerifySession:  # noqa: PYI034
         self.draft.bind(self.model)
         try:
+            fused_layers.install_blocks(self.model, self._patches)  # before the tap: see there
             self.tap.install(self._patches)
             routing.install(self.model, self._patches)
             fuse.install(self.model, self._patches)
@@ -461,12 +462,12 @@ class VerifySession:
 
     def _static_state(self) -> list[mx.array]:
         caches = self.target_cache + self.draft_cache
-        return [self.length.offset] + [a for c in caches for a in (c.keys, c.values)]
+        return [self.length.offset] + [c.kv for c in caches]
 
     def _set_static_state(self, arrays: list[mx.array]) -> None:
         self.length.set(arrays[0])  # also drops masks made from the previous offset
         for i, c in enumerate(self.target_cache + self.draft_cache):
-            c.keys, c.values = arrays[1 + 2 * i], arrays[2 + 2 * i]
+            c.kv = arrays[1 + i]
 
     def committed(self, n_keep: int) -> None:
         """The host has read a static cycle's accepted count: n_keep positions."""

@@ -72,10 +72,13 @@ class Length:
 
 
 class StaticKVCache:
-    """A layer's keys/values [1, H, capacity, D], written at the shared Length's offset."""
+    """A layer's keys and values as ONE buffer `kv` [1, 2H, capacity, D] (the keys' H
+    heads, then the values'), written at the shared Length's offset. One buffer: a
+    forward's write is one scatter, not two (each scatter is a kernel the host encodes
+    and the device runs, ~4 us at 16 rows on the H200); `keys` / `values` are views."""
 
-    def __init__(self, keys: mx.array, values: mx.array, length: Length):
-        self.keys, self.values, self.length = keys, values, length
+    def __init__(self, kv: mx.array, length: Length):
+        self.kv, self.length = kv, length
 
     @classmethod
     def from_kv_cache(cls, c: KVCache, length: Length, like: mx.array | None = None):
@@ -83,13 +86,14 @@ class StaticKVCache:
         (`like`: a [1, H, *, D] array giving the shape when the cache is empty)."""
         n = int(length.offset.item())
         keys, values = (c.keys, c.values) if c.keys is not None else (like, like)
-        shape = lambda x: (*x.shape[:2], length.capacity, x.shape[3])
-        k = mx.zeros(shape(keys), dtype=keys.dtype)
-        v = mx.zeros(shape(values), dtype=values.dtype)
+        if keys.shape[1:2] + keys.shape[3:] != values.shape[1:2] + values.shape[3:]:
+            raise ValueError("StaticKVCache needs keys and values of one shape")
+        B, H, _, D = keys.shape
+        kv = mx.zeros((B, 2 * H, length.capacity, D), dtype=keys.dtype)
         if n:
-            k[..., :n, :] = c.keys[..., :n, :]
-            v[..., :n, :] = c.values[..., :n, :]
-        return cls(k, v, length)
+            kv[:, :H, :n, :] = c.keys[..., :n, :]
+            kv[:, H:, :n, :] = c.values[..., :n, :]
+        return cls(kv, length)
 
     def to_kv_cache(self, n: int) -> KVCache:
         c = KVCache()
@@ -98,20 +102,31 @@ class StaticKVCache:
 
     def grow(self, capacity: int) -> None:
         """Reallocate to `capacity` rows (the Length's capacity is set by the caller)."""
-        pad = capacity - self.keys.shape[2]
-        if pad > 0:
-            zeros = lambda x: mx.zeros((*x.shape[:2], pad, x.shape[3]), dtype=x.dtype)
-            self.keys = mx.concatenate([self.keys, zeros(self.keys)], axis=2)
-            self.values = mx.concatenate([self.values, zeros(self.values)], axis=2)
+        B, H2, rows, D = self.kv.shape
+        if capacity > rows:
+            pad = mx.zeros((B, H2, capacity - rows, D), dtype=self.kv.dtype)
+            self.kv = mx.concatenate([self.kv, pad], axis=2)
+
+    @property
+    def keys(self) -> mx.array:
+        return self.kv[:, : self.kv.shape[1] // 2]
+
+    @property
+    def values(self) -> mx.array:
+        return self.kv[:, self.kv.shape[1] // 2 :]
 
     @property
     def offset(self) -> mx.array:
         return self.length.offset
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        rows = self.length.write_index(keys.shape[2])
-        self.keys = mx.put_along_axis(self.keys, rows, keys, axis=2)
-        self.values = mx.put_along_axis(self.values, rows, values, axis=2)
+        return self.write(mx.concatenate([keys, values], axis=1))
+
+    def write(self, kv: mx.array) -> tuple[mx.array, mx.array]:
+        """Write a forward's keys and values stacked as one [1, 2H, L, D] array; returns
+        the (keys, values) views of the whole buffer."""
+        rows = self.length.write_index(kv.shape[2])
+        self.kv = mx.put_along_axis(self.kv, rows, kv, axis=2)
         return self.keys, self.values
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
@@ -125,6 +140,15 @@ class StaticKVCache:
     @property
     def state(self):
         return self.keys, self.values
+
+
+def write_stacked(cache: object, kv: mx.array) -> tuple[mx.array, mx.array]:
+    """Give `cache` a forward's keys and values stacked as [B, 2H, L, D] (the q/k/v
+    kernel's output): one scatter into a StaticKVCache, else the cache's own update."""
+    if isinstance(cache, StaticKVCache):
+        return cache.write(kv)
+    h = kv.shape[1] // 2
+    return cache.update_and_fetch(kv[:, :h], kv[:, h:])
 
     def is_trimmable(self) -> bool:
         return False

@@ -7,6 +7,7 @@ import json
 import math
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,7 +21,7 @@ from tiny_models import make_target
 from dflash_mlx import fuse, fused_layers, load_draft
 from dflash_mlx.convert import convert
 from dflash_mlx.generate import dflash_cycles
-from dflash_mlx.kernels import qkv, routing
+from dflash_mlx.kernels import add_norm, qkv, routing
 from dflash_mlx.patch import Patches
 
 sys.path.insert(0, str(ROOT / "tests" / "emulation"))
@@ -52,9 +53,12 @@ def factory(backend: str, build_dir: Path, launches: list | None = None):
     return ("metal" if backend == "metal" else "cuda"), counting
 
 
+@contextmanager
 def emulated(backend: str, build_dir: Path, launches: list | None = None):
-    """The kernel on the emulator."""
-    return qkv.use_backend(*factory(backend, build_dir, launches))
+    """The q/k/v and add + norm kernels on the emulator."""
+    site = factory(backend, build_dir, launches)
+    with qkv.use_backend(*site), add_norm.use_backend(*site):
+        yield
 
 
 def _layout(
@@ -107,9 +111,10 @@ def test_kernel_takes_an_int_offset_and_can_leave_q_out(backend, emu_dir):
     layout = _layout(64, True, mx.float32, skip_q=True)
     y = mx.random.normal((1, 3, 8 * 64), key=mx.random.key(4))
     with qkv.use_backend(*factory(backend, emu_dir)):
-        q, k, v = qkv.split_heads(y, layout, 17)
-    _, k_ref, v_ref = qkv.reference(y, layout, 17)
-    assert q is None
+        q, kv = qkv.split_heads(y, layout, 17)
+    _, kv_ref = qkv.reference(y, layout, 17)
+    assert q is None and kv.shape == kv_ref.shape
+    (k, v), (k_ref, v_ref) = mx.split(kv, 2, axis=1), mx.split(kv_ref, 2, axis=1)
     assert mx.allclose(k, k_ref, atol=1e-5).item() and mx.array_equal(v, v_ref).item()
 
 
@@ -275,6 +280,80 @@ def test_draft_through_the_kernel_drafts_the_same(wide_pairs, fused_on_cpu, back
     assert sum(n for (rows, q), n in heads.items() if not q) >= 2 * (cycles - 1)
 
 
+# ------------------------------------------------------------------ residual add + norm
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16], ids=str)
+@pytest.mark.parametrize("H", [128, 300, 1024])
+def test_add_norm_kernel_matches_mlx_add_and_rms_norm(backend, dtype, H, emu_dir):
+    keys = mx.random.split(mx.random.key(H), 3)
+    x = (4 * mx.random.normal((2, 5, H), key=keys[0])).astype(dtype)
+    r = mx.random.normal((2, 5, H), key=keys[1]).astype(dtype)
+    norm = nn.RMSNorm(H, eps=1e-5)
+    norm.weight = mx.random.uniform(0.5, 1.5, (H,), key=keys[2]).astype(dtype)
+    with emulated(backend, emu_dir):
+        got = add_norm.add_rms_norm(x, r, norm)
+    assert got is not None
+    h, y = got
+    assert h.dtype == y.dtype == dtype and h.shape == y.shape == x.shape
+    assert mx.array_equal(h, x + r).item()  # MLX's own add, bit for bit
+    want = add_norm.reference(x, r, norm.weight, 1e-5)[1]  # MLX's GPU rms_norm, as fp32 ops
+    diff = mx.abs(y.astype(mx.float32) - want.astype(mx.float32))
+    if dtype == mx.float32:
+        assert (diff.max() / mx.abs(want).max()).item() < 1e-5
+    else:  # the same roundings: where the sums' order tells, the normalised value is a
+        # step apart, and so at most two after the weight's product
+        step = 2.0**-10 if dtype == mx.float16 else 2.0**-7
+        assert (diff <= mx.abs(want.astype(mx.float32)) * 2 * step).all().item()
+        assert (diff > 0).mean().item() < 0.01
+    stock = mx.fast.rms_norm(x + r, norm.weight, 1e-5)  # MLX's own norm, on the CPU
+    tol = 1e-5 if dtype == mx.float32 else 2e-2
+    assert mx.allclose(y.astype(mx.float32), stock.astype(mx.float32), atol=tol, rtol=tol).item()
+
+
+def test_add_norm_leaves_other_norms_and_the_cpu_alone():
+    x = mx.ones((1, 2, 64))
+    assert add_norm.add_rms_norm(x, x, nn.RMSNorm(64)) is None  # CPU: the stock ops
+    assert not add_norm.supports(x, x, nn.LayerNorm(64))
+    assert not add_norm.supports(x, x.astype(mx.float16), nn.RMSNorm(64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_moe"])
+def test_layers_through_add_norm_equal_mlx_lm(wide_pairs, family, backend, emu_dir):
+    """A verify forward of the whole model with its decoder layers hooked: the logits of
+    mlx-lm's own code, two add + norm kernels a layer, the final norm served by the last."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, _ = mlx_lm_load(str(wide_pairs(family)[0]))
+    context = mx.random.randint(0, 100, (1, 9), key=mx.random.key(6))
+    block = mx.random.randint(0, 100, (1, 6), key=mx.random.key(5))
+
+    def run():
+        cache = make_prompt_cache(model)
+        model(context, cache=cache)
+        return model(block, cache=cache)
+
+    want = run()
+    calls: list = []
+    patches = Patches()
+    with emulated(backend, emu_dir, calls):
+        try:
+            fused_layers.install_blocks(model, patches)
+            with routing.verifying():
+                got = run()
+            outside = run()  # not a verify: the layers' own code
+        finally:
+            patches.restore()
+    assert mx.allclose(got, want, atol=1e-4).item()
+    assert mx.array_equal(outside, want).item()
+    launched = Counter(rows for name, rows, _ in calls if name == "dflash_add_rms_norm")
+    # Both forwards ran in the verify: 9 rows, then 6.
+    assert launched[9] == launched[6] == 2 * len(model.layers)
+    assert all("_dflash_hook" not in layer.__dict__ for layer in model.layers)
+
+
 # ------------------------------------------------------------------ CUDA (GPU machine)
 
 # Deselected by tests/conftest.py where MLX's CUDA backend is unavailable.
@@ -294,6 +373,7 @@ def test_cuda_kernel_matches_mlx_rms_norm_and_rope(dtype, D, norm, base):
     offset = mx.array(3000, dtype=mx.int32)
     got = qkv.split_heads(y, layout, offset)
     assert got is not None  # compiled and passed its self-check on this GPU
+    got = (got[0], *mx.split(got[1], 2, axis=1))  # q; k and v, stacked by the kernel
     q, k, v = (x.reshape(B, L, -1, D) for x in mx.split(y, [16 * D, 20 * D], axis=-1))
     if norm:
         q = mx.fast.rms_norm(q, layout.q_norm, 1e-6)
@@ -333,3 +413,24 @@ def test_cuda_greedy_equals_mlx_lm_through_the_kernel(wide_pairs, family):
     for cycle in dflash_cycles(model, load_draft(draft_dir), mx.array(prompt), max_tokens=n):
         out += cycle.tokens
     assert out == expected
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16], ids=str)
+@pytest.mark.parametrize("H", [1024, 4096, 5120])
+def test_cuda_add_norm_matches_mlx_add_and_rms_norm(dtype, H):
+    """Against MLX's own CUDA add and rms_norm."""
+    keys = mx.random.split(mx.random.key(H), 3)
+    x = (4 * mx.random.normal((1, 16, H), key=keys[0])).astype(dtype)
+    r = mx.random.normal((1, 16, H), key=keys[1]).astype(dtype)
+    norm = nn.RMSNorm(H, eps=1e-6)
+    norm.weight = mx.random.uniform(0.5, 1.5, (H,), key=keys[2]).astype(dtype)
+    got = add_norm.add_rms_norm(x, r, norm)
+    assert got is not None  # compiled and passed its self-check on this GPU
+    h, y = got
+    assert mx.array_equal(h, x + r).item()
+    want = mx.fast.rms_norm(x + r, norm.weight, 1e-6)
+    diff = mx.abs(y.astype(mx.float32) - want.astype(mx.float32))
+    step = 2.0**-23 if dtype == mx.float32 else 2.0**-10 if dtype == mx.float16 else 2.0**-7
+    assert (diff <= mx.abs(want.astype(mx.float32)) * step * 2).all().item()
+    assert (diff > 0).mean().item() < (0.01 if dtype != mx.float32 else 0.5)

@@ -757,8 +757,9 @@ def test_static_cache_verify_runs_the_kernel_up_to_the_device_length(emu_dir, mo
     length = Length(45, 300)
     static = [StaticKVCache.from_kv_cache(c, length) for c in plain]
     for c in static:  # stale rows where rejected drafts were: must stay invisible
-        c.keys[..., 61:, :] = 7.0
-        c.values[..., 61:, :] = -7.0
+        h = c.kv.shape[1] // 2  # keys' heads, then values'
+        c.kv[:, :h, 61:, :] = 7.0
+        c.kv[:, h:, 61:, :] = -7.0
     stock = model(block, cache=plain)
     calls: list = []
 
@@ -812,7 +813,7 @@ def test_draft_static_attention_runs_on_the_kernel(emu_dir, monkeypatch, sliding
 
     def run():
         length = Length(0, 64)
-        cache = StaticKVCache(mx.zeros((1, 1, 64, 64)), mx.zeros((1, 1, 64, 64)), length)
+        cache = StaticKVCache(mx.zeros((1, 2, 64, 64)), length)  # 1 key head, 1 value head
         attn.add_context(context, rope, cache)
         length.set(mx.array(24))
         return attn(block, rope, cache, None)
@@ -862,3 +863,16 @@ def test_splits_share_the_device_length(emu_dir, backend):
         )
         ref = _reference(q, k[:, :, :n], v[:, :, :n], True, None)
         assert _rel_err(out, ref) < TOL[mx.float32], n
+
+
+def test_kernel_sources_are_compacted_and_carry_only_their_prelude_sections():
+    """MLX hashes a custom kernel's whole source at every launch (host cost per byte):
+    comments and indentation go, strings stay, and each kernel takes the prelude
+    sections it uses."""
+    text = 'x = 1;  // a comment\n  // a line of comment\n\n  asm("a // b");\n#define A 1\n'
+    assert source.compact(text) == 'x = 1;\nasm("a // b");\n#define A 1\n'
+    for backend in ("metal", "cuda"):
+        core, tiles, full = (source.prelude(backend, s) for s in source.SECTIONS)
+        assert "df_lane_sum" in core and "df_frag_c" not in core and "df_mm_row" not in tiles
+        assert full.startswith(tiles) and tiles.startswith(core) and "df_mm_row" in full
+        assert "//" not in core

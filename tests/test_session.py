@@ -530,8 +530,9 @@ def test_drafts_propose_the_same_from_static_buffers(style):
     length = Length(37, 256)
     static = [StaticKVCache.from_kv_cache(c, length) for c in plain]
     for c in static:
-        c.keys[..., 37:, :] = 5.0  # stale rows past the length
-        c.values[..., 37:, :] = -5.0
+        h = c.kv.shape[1] // 2  # keys' heads, then values'
+        c.kv[:, :h, 37:, :] = 5.0  # stale rows past the length
+        c.kv[:, h:, 37:, :] = -5.0
     anchor = mx.array([11], dtype=mx.int32)
     for window in (None, 10):
         want, _ = draft.propose(anchor, plain, 7, SamplingParams(), window)

@@ -26,7 +26,7 @@ import mlx.core as mx
 from mlx import nn
 
 from .backend import KernelFactory, KernelSite, constant, mlx_factory, placeholder, read_switch
-from .source import read_source
+from .source import prelude, read_source
 
 SWITCH_ENV = "DFLASH_MATMUL"
 MAX_ROWS = 32
@@ -63,7 +63,7 @@ def kernel_source(backend: str, pass_: int, quant: bool) -> tuple[str, str]:
     """(header, body) of pass 1 (products) or 2 (split-K sum) for 'metal' or 'cuda'."""
     if backend not in ("metal", "cuda"):
         raise ValueError(f"unknown backend {backend!r}")
-    header = "#define DF_MATMUL\n" + read_source(f"prelude_{backend}.h")
+    header = "#define DF_MATMUL\n" + prelude(backend, "matmul")
     if pass_ == 1:
         entry = _METAL_ENTRY if backend == "metal" else _CUDA_ENTRY
         entry = f"#define DF_MM_PASS 1\n#define DF_MM_QUANT {int(quant)}\n" + entry

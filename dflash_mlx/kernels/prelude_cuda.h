@@ -91,6 +91,7 @@ __device__ __forceinline__ __nv_bfloat16 df_from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+// @section tiles: copies and matrix fragments (block attention, matmul)
 template <typename T>
 __device__ __forceinline__ bool df_aligned16(const T* p) {
   return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
@@ -315,6 +316,7 @@ __device__ __forceinline__ void df_mma(df_frag_c& c, df_frag_a<float>& a, df_fra
   }
 }
 
+// @section matmul
 // ---------------------------------------------------------------- skinny matmul
 // Compiled only into the matmul kernels (kernels/matmul.py defines DF_MATMUL).
 #ifdef DF_MATMUL

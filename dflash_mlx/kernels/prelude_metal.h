@@ -95,6 +95,7 @@ inline T df_from_float(float x) {
 }
 
 // Element-wise copies: no alignment requirement, so every address qualifies.
+// @section tiles: copies and matrix fragments (block attention, matmul)
 template <typename T>
 inline bool df_aligned16(const DF_DEV T* p) {
   return true;
@@ -196,6 +197,7 @@ inline void df_mma(DF_THR df_frag_c& c, DF_THR df_frag_a<T>& a, DF_THR df_frag_b
   }
 }
 
+// @section matmul
 // ---------------------------------------------------------------- skinny matmul
 // Compiled only into the matmul kernels (kernels/matmul.py defines DF_MATMUL).
 #ifdef DF_MATMUL

@@ -6,8 +6,9 @@ them (two ropes) and lays out v: six kernels a layer in a verify, each costing t
 more time to encode than the device to run (results/cycle_session9.md). This kernel
 does all of it in one launch, rounding where MLX's rms_norm and rope round.
 
-`split_heads(y, layout)` returns (q, k, v) [B, heads, L, D], or None where no GPU
-backend (or the emulator, in the tests) runs the kernel. `rotary(rope, head_dim)` says
+`split_heads(y, layout)` returns q [B, Hq, L, D] and kv [B, 2 Hkv, L, D] (keys' heads,
+then values': what `static_cache.write_stacked` stores with one scatter), or None where
+no GPU backend (or the emulator, in the tests) runs the kernel. `rotary(rope, head_dim)` says
 whether a model's RoPE module is one the kernel computes (non-traditional, over the
 whole head, angles position * scale / freq, the frequencies from a base or given): mlx's
 `nn.RoPE` and mlx-lm's `Llama3RoPE`; anything else keeps the model's own code.
@@ -25,10 +26,10 @@ from mlx import nn
 from mlx_lm.models.rope_utils import Llama3RoPE
 
 from .backend import KernelFactory, KernelSite, constant, placeholder
-from .source import read_source
+from .source import prelude, read_source
 
 INPUTS = ["y", "qw", "kw", "freqs", "pos", "params", "fparams"]
-OUTPUTS = ["q", "k", "v"]
+OUTPUTS = ["q", "kv"]
 HEAD_DIMS = (64, 128, 256)
 _DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 THREADS = 128
@@ -49,7 +50,7 @@ def kernel_source(backend: str) -> tuple[str, str]:
     if backend not in ("metal", "cuda"):
         raise ValueError(f"unknown backend {backend!r}")
     entry = _METAL_ENTRY if backend == "metal" else _CUDA_ENTRY
-    return read_source(f"prelude_{backend}.h"), entry + read_source("qkv_body.h")
+    return prelude(backend), entry + read_source("qkv_body.h")
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,8 @@ def supports(y: mx.array, layout: Layout) -> bool:
 
 def split_heads(
     y: mx.array, layout: Layout, offset: int | mx.array
-) -> tuple[mx.array, mx.array, mx.array] | None:
-    """(q, k, v) from the fused product y [B, L, (Hq + 2 Hkv) * D] of rows at positions
+) -> tuple[mx.array | None, mx.array] | None:
+    """(q, kv) from the fused product y [B, L, (Hq + 2 Hkv) * D] of rows at positions
     offset … offset + L - 1 (each sequence's; offset an int or an int32 device scalar),
     or None where the kernel does not run here."""
     active = active_backend()
@@ -132,7 +133,7 @@ def _launch(y, layout, offset, backend, factory, init_value=None):
     freqs = placeholder(mx.float32) if rot.freqs is None else rot.freqs  # or unread
     kern = _kernel(backend, factory)
     grid = math.ceil(units * 32 / THREADS) * THREADS
-    q, k, v = kern(
+    q, kv = kern(
         inputs=[
             y,
             qw,
@@ -145,11 +146,11 @@ def _launch(y, layout, offset, backend, factory, init_value=None):
         template=[("T", y.dtype), ("D", D), ("NORM", int(norm))],
         grid=(grid, 1, 1),
         threadgroup=(THREADS, 1, 1),
-        output_shapes=[(1,) if first else (B, Hq, L, D), (B, Hkv, L, D), (B, Hkv, L, D)],
-        output_dtypes=[y.dtype] * 3,
+        output_shapes=[(1,) if first else (B, Hq, L, D), (B, 2 * Hkv, L, D)],
+        output_dtypes=[y.dtype] * 2,
         init_value=init_value,
     )
-    return (None if first else q), k, v
+    return (None if first else q), kv
 
 
 def reference(y: mx.array, layout: Layout, offset: int | mx.array):
@@ -181,7 +182,7 @@ def reference(y: mx.array, layout: Layout, offset: int | mx.array):
         offset=offset,
         freqs=rot.freqs,
     ).astype(t)
-    return rope(q), rope(k), v
+    return rope(q), mx.concatenate([rope(k), v], axis=1)
 
 
 def _kernel(backend: str, factory: KernelFactory):

@@ -1,7 +1,8 @@
 // From a fused q/k/v product to attention's inputs, in one pass: per head, RMS-normalise
 // q and k (where the model has q_norm / k_norm), rotate them (RoPE, non-traditional) at
-// their positions, and write q, k and v as [B, heads, L, D]. The body is shared by
-// Metal, CUDA and the CPU emulator.
+// their positions, and write q [B, Hq, L, D] and k, v as one array [B, 2 Hkv, L, D] (k's
+// heads, then v's: a static cache stores them so, written with one scatter). The body is
+// shared by Metal, CUDA and the CPU emulator.
 //
 // It computes and rounds as MLX's own kernels do (mlx/backend/*/rms_norm, rope), so the
 // result is theirs but for the order of one sum: rms_norm writes w * T(x * rsqrt(mean(
@@ -16,7 +17,7 @@
 // y [B * L, (Hq + 2 Hkv) * D] (row-contiguous), qw / kw [D] (T), freqs [D / 2] (fp32,
 // read where log2(base) is 0), pos (int32 [1]: position of each sequence's first row),
 // params (int32: rows, L, Hq, Hkv, first head to write), fparams (fp32: eps, position
-// scale, log2(base)); outputs q [B, Hq, L, D], k / v [B, Hkv, L, D]; df_gid (global thread
+// scale, log2(base)); outputs q [B, Hq, L, D], kv [B, 2 Hkv, L, D]; df_gid (global thread
 // index).
 
 constexpr int E = D / 32;  // elements per lane
@@ -71,8 +72,7 @@ if (row < rows) {  // the same for the whole simdgroup: its shuffles see every l
     }
   }
   DF_DEV T* dst = h < Hq ? q + (df_i64(b * Hq + h) * L + l) * D
-      : h < Hq + Hkv     ? k + (df_i64(b * Hkv + h - Hq) * L + l) * D
-                         : v + (df_i64(b * Hkv + h - Hq - Hkv) * L + l) * D;
+                         : kv + (df_i64(b * 2 * Hkv + h - Hq) * L + l) * D;
   DF_UNROLL for (int j = 0; j < E; ++j) {
     dst[j * 32 + lane] = df_from_float<T>(x[j]);
   }

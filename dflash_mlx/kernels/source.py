@@ -9,6 +9,7 @@ the thread / threadgroup indices and declare threadgroup memory.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -52,7 +53,44 @@ _CUDA_ENTRY_PASS2 = "const unsigned df_gid = blockIdx.x * blockDim.x + threadIdx
 
 @cache
 def read_source(name: str) -> str:
-    return (_DIR / name).read_text()
+    """A kernel source file as the kernels are built from it: `compact`."""
+    return compact((_DIR / name).read_text())
+
+
+def compact(text: str) -> str:
+    """The source without comments, indentation or blank lines. MLX hashes a custom
+    kernel's whole source on every launch to find its compiled module (and builds the
+    source string on every eager call), so the host pays per byte, per launch
+    (results/cycle_session11.md)."""
+    lines = []
+    for line in text.splitlines():
+        quoted, cut = False, len(line)
+        for i, ch in enumerate(line):
+            if ch == '"':
+                quoted = not quoted
+            elif not quoted and line.startswith("//", i):
+                cut = i
+                break
+        line = line[:cut].strip()
+        if line:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+SECTIONS = ("core", "tiles", "matmul")
+
+
+def prelude(backend: str, last: str = "core") -> str:
+    """The prelude for 'metal' or 'cuda' up to section `last` (SECTIONS, in order): a
+    kernel carries only what it uses, since its launch costs the host per byte (compact).
+    Sections start at lines `// @section NAME`; "core" is what comes before the first."""
+    if backend not in ("metal", "cuda"):
+        raise ValueError(f"unknown backend {backend!r}")
+    text = (_DIR / f"prelude_{backend}.h").read_text()
+    keep = SECTIONS[: SECTIONS.index(last) + 1]
+    parts = re.split(r"^// @section (\w+).*$", text, flags=re.MULTILINE)
+    out = [parts[0]] + [body for name, body in zip(parts[1::2], parts[2::2]) if name in keep]
+    return compact("".join(out))
 
 
 def kernel_source(backend: str, pass_: int) -> tuple[str, str]:
@@ -62,7 +100,7 @@ def kernel_source(backend: str, pass_: int) -> tuple[str, str]:
     """
     if backend not in ("metal", "cuda"):
         raise ValueError(f"unknown backend {backend!r}")
-    header = read_source(f"prelude_{backend}.h")
+    header = prelude(backend, "tiles" if pass_ == 1 else "core")
     if pass_ == 1:
         entry = _METAL_ENTRY_PASS1 if backend == "metal" else _CUDA_ENTRY_PASS1
         body = read_source("block_attention_body.h")
