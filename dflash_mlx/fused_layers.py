@@ -170,8 +170,10 @@ def draft_heads(
 def install_blocks(model: nn.Module, patches: Patches) -> None:
     """Hook the target's decoder layers of the classes in `BLOCKS`, and the norms that
     follow them, so that a verify runs each residual add with its norm as one kernel.
-    Installed before the feature tap, whose hook then records these layers' outputs."""
-    if add_norm.active_backend() is None:
+    Installed before the feature tap, whose hook then records these layers' outputs.
+    Where the projections fuse (fuse.enabled(): measured on CUDA only), like the q/k/v
+    kernel: a Mac keeps MLX's own ops until a calibration there says otherwise."""
+    if add_norm.active_backend() is None or not fuse.enabled():
         return
     classes = _classes(dict.fromkeys(BLOCKS, True))
     layers = target_layers(model)
