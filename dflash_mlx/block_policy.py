@@ -48,10 +48,9 @@ from typing import Any, Protocol
 import mlx.core as mx
 from mlx import nn
 
-FORMAT = 2
+FORMAT = 1
 CANDIDATES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
-CONTEXT = 512  # positions in the caches while costs are measured ...
-LONG_CONTEXT = 4096  # ... and again at this many: C(w) is affine in the context
+CONTEXT = 512  # positions in the caches while costs are measured
 WARMUP, TIMED = 3, 5  # cycles per width: discarded (first use compiles), then timed
 GENERIC_PRIOR = 0.8  # a_i for a draft without a training result
 PRIOR_STRENGTH = 8.0  # how many cycles' worth of evidence the prior weighs
@@ -168,58 +167,28 @@ def prior_rates(draft: Any, block_size: int, context: int | None = None) -> list
 
 @dataclass
 class Costs:
-    """Seconds per cycle of each measured width (1: a plain target step) with `context`
-    positions in the caches, and (`long`) with `long_context`: in between and beyond,
-    a width's cost is the line through the two (attention's work is linear in the keys)."""
+    """Seconds per cycle of each measured width (1: a plain target step)."""
 
     seconds: dict[int, float]
     context: int = CONTEXT
-    long: dict[int, float] = field(default_factory=dict)
-    long_context: int = LONG_CONTEXT
-
-    def at(self, width: int, context: int) -> float:
-        """C(width) with `context` positions cached (never below the shorter reading)."""
-        short, far = self.seconds[width], self.long.get(width)
-        if far is None or self.long_context <= self.context:
-            return short
-        slope = (far - short) / (self.long_context - self.context)
-        return max(short, short + slope * (context - self.context))
 
     def to_json(self) -> dict:
-        return {
-            "format": FORMAT,
-            "context": self.context,
-            "seconds": self.seconds,
-            "long_context": self.long_context,
-            "long_seconds": self.long,
-        }
+        return {"format": FORMAT, "context": self.context, "seconds": self.seconds}
 
     @classmethod
     def from_json(cls, data: dict) -> Costs:
         if data.get("format") != FORMAT:
             raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
-        read = lambda d: {int(w): float(s) for w, s in d.items()}
-        seconds, long = read(data["seconds"]), read(data.get("long_seconds", {}))
-        for times in (seconds, long):
-            if any(not (s > 0 and math.isfinite(s)) for s in times.values()):
-                raise ValueError("needs positive times")
-        if 1 not in seconds or (long and set(long) != set(seconds)):
-            raise ValueError("needs a time for width 1 and the same widths at both lengths")
-        context = int(data.get("context", CONTEXT))
-        return cls(seconds, context, long, int(data.get("long_context", LONG_CONTEXT)))
+        seconds = {int(w): float(s) for w, s in data["seconds"].items()}
+        if 1 not in seconds or any(not (s > 0 and math.isfinite(s)) for s in seconds.values()):
+            raise ValueError("needs a positive time for width 1 and every other width")
+        return cls(seconds, int(data.get("context", CONTEXT)))
 
 
 class AutoPolicy:
     """The width with the most expected tokens per second, cycle by cycle."""
 
-    def __init__(
-        self,
-        costs: Costs,
-        rates: list[float],
-        block_size: int,
-        timed: bool = True,
-        context: int | None = None,
-    ):
+    def __init__(self, costs: Costs, rates: list[float], block_size: int, timed: bool = True):
         # timed: correct the costs by the cycles' wall times. Off when sampling: the
         # widths decide how the random draws are used, so widths that followed the clock
         # would make a seeded run unrepeatable (greedy output is the same at any width).
@@ -227,8 +196,6 @@ class AutoPolicy:
         self.widths = [w for w in widths_up_to(block_size) if w in costs.seconds] or [1]
         self.max_width = max(self.widths)
         self.costs = costs
-        # positions cached before the next cycle (the costs are read at this length)
-        self.context = costs.context if context is None else context
         self.prior = list(rates[: self.max_width - 1])
         self.acceptance = Acceptance(list(self.prior))
         # per drafting width: decayed (tokens emitted, cycles) of the cycles run at it
@@ -243,7 +210,7 @@ class AutoPolicy:
 
     def seconds(self, width: int) -> float:
         kind = "step" if width == 1 else "cycle"
-        return self.costs.at(width, self.context) * self.scale.get(width, self.scale[kind])
+        return self.costs.seconds[width] * self.scale.get(width, self.scale[kind])
 
     def expected(self, width: int, rates: list[float]) -> float:
         """E(width): the rates' model, pulled toward the tokens cycles of this width
@@ -312,12 +279,11 @@ class AutoPolicy:
         # A width's first cycle may compile it (the first use of a kernel, say).
         if self.timed and seconds is not None and width in self._seen:
             kind = "step" if width == 1 else "cycle"
-            ratio = min(max(seconds / self.costs.at(width, self.context), 0.25), 4.0)
+            ratio = min(max(seconds / self.costs.seconds[width], 0.25), 4.0)
             before = {key: self.scale.get(key, self.scale[kind]) for key in (kind, width)}
             for key, old in before.items():
                 self.scale[key] = math.exp(0.8 * math.log(old) + 0.2 * math.log(ratio))
         self._seen.add(width)
-        self.context += 1 + accepted
         if width == 1:
             return
         if self._probe == width:
@@ -401,17 +367,6 @@ def measure_costs(
     return Costs(dict(sorted(seconds.items())), context)
 
 
-def long_context(model: nn.Module, widths: list[int]) -> int | None:
-    """The longer context to measure at: LONG_CONTEXT, or less where the target's
-    positions (max_position_embeddings) end before the measurement would."""
-    limit = getattr(getattr(model, "args", None), "max_position_embeddings", None)
-    if not isinstance(limit, int):
-        return LONG_CONTEXT
-    room = limit - (WARMUP + TIMED + 1) * sum(widths) - 2 * max(widths)
-    n = min(LONG_CONTEXT, room)
-    return n if n >= 2 * CONTEXT else None
-
-
 def costs_path(model: nn.Module, draft: Any) -> Path:
     """One file per machine, MLX version and pair (shapes and weights fingerprinted)."""
     from .calibrate import cache_dir
@@ -440,18 +395,13 @@ def cached_costs(model: nn.Module, draft: Any, block_size: int, force: bool = Fa
             costs = Costs.from_json(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             costs = None  # unreadable: measure again, overwrite it
-    wanted = lambda c: all(w in c.seconds and (w in c.long or not c.long) for w in widths)
-    if costs is None or not wanted(costs):
-        bar = Progress(
-            2 * len(widths), "dflash_mlx: timing block sizes for --block-size auto (once)"
-        )
+    if costs is None or any(w not in costs.seconds for w in widths):
+        bar = Progress(len(widths), "dflash_mlx: timing block sizes for --block-size auto (once)")
         start = time.perf_counter()
-        tick = lambda d, _: bar.update(1)
-        short = measure_costs(model, draft, widths, CONTEXT, progress=tick)
-        longer = long_context(model, widths)
-        far = measure_costs(model, draft, widths, longer, progress=tick) if longer else Costs({})
+        measured = measure_costs(model, draft, widths, progress=lambda d, _: bar.update(1))
         bar.close()
-        costs = Costs(short.seconds, CONTEXT, far.seconds, longer or LONG_CONTEXT)
+        old = costs.seconds if costs else {}
+        costs = Costs({**old, **measured.seconds}, measured.context)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(costs.to_json(), indent=1))
@@ -478,7 +428,7 @@ def make_policy(
     if block_size is None or block_size == "auto":
         B = draft.block_size
         rates = prior_rates(draft, B, context)
-        return AutoPolicy(cached_costs(model, draft, B), rates, B, timed, context)
+        return AutoPolicy(cached_costs(model, draft, B), rates, B, timed)
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise ValueError(  # noqa: TRY004 (a bad value from the user: one line)
             f"block size must be a positive int or 'auto', got {block_size!r}"
