@@ -16,6 +16,7 @@ from mlx_lm.models.cache import KVCache
 from . import fused_layers
 from .config import DraftConfig
 from .kernels import block_attention
+from .kernels.add_norm import add_then_norm
 from .kernels.attention import kernel_attention
 from .rope import make_rope
 from .sampling import SamplingParams
@@ -142,18 +143,6 @@ class MLP(nn.Module):
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def add_then_norm(
-    x: mx.array, r: mx.array, norm: nn.Module, attn: nn.Module
-) -> tuple[mx.array, mx.array]:
-    """(x + r, norm(x + r)): one kernel while a session serves this layer's fused
-    projections (fused_layers.draft_add_norm), else the two ops."""
-    fused = fused_layers.draft_add_norm(attn, x, r, norm)
-    if fused is not None:
-        return fused
-    h = x + r
-    return h, norm(h)
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, config: DraftConfig, sliding: bool):
         super().__init__()
@@ -166,11 +155,12 @@ class DecoderLayer(nn.Module):
         """x + attention + MLP. `normed`: input_layernorm(x) if already computed; with
         `after` (the norm the output goes into next) returns (output, after(output)):
         each residual add and its norm one kernel where a session serves them."""
+        fused = fused_layers.serves_draft(self.self_attn, x)  # inside a session: one kernel
         normed = self.input_layernorm(x) if normed is None else normed
         r = self.self_attn(normed, rope, cache, context_window)
-        h, normed = add_then_norm(x, r, self.post_attention_layernorm, self.self_attn)
+        h, normed = add_then_norm(x, r, self.post_attention_layernorm, fused)
         r = self.mlp(normed)
-        return h + r if after is None else add_then_norm(h, r, after, self.self_attn)
+        return h + r if after is None else add_then_norm(h, r, after, fused)
 
 
 class DraftModel(nn.Module):

@@ -152,9 +152,9 @@ def draft_heads(
     one kernel (kv: keys and values stacked, `static_cache.write_stacked`; q None with
     skip_q), or None for its own code: where no session has
     fused its projections for this input (fuse.draft_rows) or the kernel does not run."""
-    group = _group(attn)
-    if group is None or not group.serving or not fuse.draft_rows(x):
+    if not serves_draft(attn, x):
         return None
+    group = _group(attn)
     key = (id(rope), id(group), skip_q)
     spec = attn.__dict__.get("_dflash_qkv", {}).get(key, False)
     if spec is False:  # the draft's layers are Qwen3's: q and k normalised per head
@@ -182,7 +182,6 @@ def install_blocks(model: nn.Module, patches: Patches) -> None:
     # that layer is hooked too (it calls it on exactly this output), else the final norm.
     hooked = [unhooked_type(layer) in classes for layer in layers]
     waiting: dict[int, tuple[mx.array, mx.array]] = {}  # id(norm) -> (its input, output)
-    served: set[int] = set()
     for i, layer in enumerate(layers):
         if not hooked[i]:
             continue
@@ -191,8 +190,7 @@ def install_blocks(model: nn.Module, patches: Patches) -> None:
         else:
             after = final
         patches.hook_call(layer, _block_hook(after, waiting))
-        if after is not None and id(after) not in served:
-            served.add(id(after))
+        if after is not None:  # each layer's own: the next layer's, or the final norm
             patches.hook_call(after, _norm_hook(waiting))
     patches.defer(waiting.clear)
 
@@ -202,18 +200,12 @@ def _block_hook(after: nn.Module | None, waiting: dict):
         if not (is_verifying() and x.ndim == 3 and x.shape[1] <= matmul.MAX_ROWS):
             return call(layer, x, mask, cache)
         r = layer.self_attn(layer.input_layernorm(x), mask, cache)
-        fused = add_norm.add_rms_norm(x, r, layer.post_attention_layernorm)
-        if fused is None:  # mlx-lm's own code from here (attention has run: not again)
-            h = x + r
-            normed = layer.post_attention_layernorm(h)
-        else:
-            h, normed = fused
+        h, normed = add_norm.add_then_norm(x, r, layer.post_attention_layernorm)
         r = layer.mlp(normed)
-        fused = add_norm.add_rms_norm(h, r, after) if after is not None else None
-        if fused is None:
+        if after is None:
             return h + r
-        waiting[id(after)] = fused
-        return fused[0]
+        waiting[id(after)] = add_norm.add_then_norm(h, r, after)
+        return waiting[id(after)][0]
 
     return hook
 
@@ -229,12 +221,8 @@ def _norm_hook(waiting: dict):
     return hook
 
 
-def draft_add_norm(
-    attn: nn.Module, x: mx.array, r: mx.array, norm: nn.Module
-) -> tuple[mx.array, mx.array] | None:
-    """(x + r, norm(x + r)) for a draft layer (whose attention is `attn`) in one kernel
-    while a session serves its fused projections (as draft_heads), else None."""
+def serves_draft(attn: nn.Module, x: mx.array) -> bool:
+    """Whether a session serves the draft layer whose attention is `attn` its fused
+    projections for input x: where its q/k/v and add + norm kernels run."""
     group = _group(attn)
-    if group is None or not group.serving or not fuse.draft_rows(x):
-        return None
-    return add_norm.add_rms_norm(x, r, norm)
+    return bool(group is not None and group.serving and fuse.draft_rows(x))

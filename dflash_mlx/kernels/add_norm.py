@@ -7,13 +7,11 @@ for a 36-layer model, and the host pays ~2.5 us to encode each (results/
 cycle_session11.md). This kernel writes both the sum and its norm.
 
 `add_rms_norm(x, r, norm)` returns (x + r, norm(x + r)) for an `nn.RMSNorm`, or None
-where no GPU backend (or the emulator, in the tests) runs it.
+where no GPU backend (or the emulator, in the tests) runs it; `add_then_norm` falls back
+to MLX's two ops.
 """
 
 from __future__ import annotations
-
-import math
-import threading
 
 import mlx.core as mx
 from mlx import nn
@@ -47,9 +45,6 @@ extern __shared__ float df_red[];  // THREADS / 32 floats (_SMEM)
 _site = KernelSite(row_contiguous=True)
 use_backend = _site.use  # tests: the emulator as 'metal' or 'cuda'
 active_backend = _site.active
-_lock = threading.Lock()
-_kernels: dict = {}
-_checked: dict = {}
 
 
 def kernel_source(backend: str) -> tuple[str, str]:
@@ -85,6 +80,17 @@ def add_rms_norm(x: mx.array, r: mx.array, norm: nn.Module) -> tuple[mx.array, m
     return _launch(x, r, norm.weight, norm.eps, backend, factory)
 
 
+def add_then_norm(
+    x: mx.array, r: mx.array, norm: nn.Module, fused: bool = True
+) -> tuple[mx.array, mx.array]:
+    """(x + r, norm(x + r)): one kernel where it runs (and `fused`), else MLX's two ops."""
+    both = add_rms_norm(x, r, norm) if fused else None
+    if both is not None:
+        return both
+    h = x + r
+    return h, norm(h)
+
+
 def _launch(x, r, w, eps, backend, factory):
     H = x.shape[-1]
     rows = x.size // H
@@ -110,26 +116,18 @@ def reference(x: mx.array, r: mx.array, w: mx.array, eps: float) -> tuple[mx.arr
 
 
 def _kernel(backend: str, factory: KernelFactory):
-    key = (backend, factory)
-    with _lock:
-        kern = _kernels.get(key)
-        if kern is None:
-            header, source = kernel_source(backend)
-            kern = _kernels[key] = factory(
-                "dflash_add_rms_norm", INPUTS, OUTPUTS, source, header, _SMEM
-            )
-    return kern
+    def make():
+        header, source = kernel_source(backend)
+        return factory("dflash_add_rms_norm", INPUTS, OUTPUTS, source, header, _SMEM)
+
+    return _site.kernel((backend, factory), make)
 
 
 def _self_check(backend: str, factory: KernelFactory, dtype) -> bool:
-    """Run the kernel once on random data against the reference (a kernel that does not
-    compile fails here, at its first evaluation); one warning and the stock ops if not."""
-    key = (backend, factory, dtype)
-    with _lock:
-        known = _checked.get(key)
-    if known is not None:
-        return known
-    try:
+    """Run the kernel once on random data against the reference; one warning and the
+    stock ops if it fails."""
+
+    def error() -> float:
         keys = mx.random.split(mx.random.key(11), 3)
         x = mx.random.normal((3, 300), key=keys[0]).astype(dtype)
         r = mx.random.normal((3, 300), key=keys[1]).astype(dtype)
@@ -137,19 +135,14 @@ def _self_check(backend: str, factory: KernelFactory, dtype) -> bool:
         got = _launch(x, r, w, 1e-6, backend, factory)
         with mx.stream(mx.cpu):
             want = reference(x, r, w, 1e-6)
-            err = max(
+            return max(
                 (mx.abs(g.astype(mx.float32) - v.astype(mx.float32)).max() / mx.abs(v).max()).item()
                 for g, v in zip(got, want, strict=True)
             )
-        ok = math.isfinite(err) and err < (1e-5 if dtype == mx.float32 else 2e-2)
-        reason = f"self-check error {err:.2e}"
-    except Exception as e:  # noqa: BLE001 - a compile error surfaces here, at first evaluation
-        ok, reason = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if not ok:
-        _site.warn_once(
-            f"dflash_mlx add + RMS norm kernel disabled on {backend} for {dtype} ({reason}); "
-            "using the model's own code"
-        )
-    with _lock:
-        _checked[key] = ok
-    return ok
+
+    return _site.checked(
+        (backend, factory, dtype),
+        error,
+        1e-5 if dtype == mx.float32 else 2e-2,
+        f"add + RMS norm kernel disabled on {backend} for {dtype}; using the model's own code",
+    )

@@ -8,7 +8,9 @@ the tests the CPU emulator (tests/emulation); on the CPU backend neither kernel 
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -92,6 +94,38 @@ class KernelSite:
         self.row_contiguous = row_contiguous
         self.override: tuple[str, KernelFactory] | None = None
         self.warned = False
+        self._lock = threading.Lock()
+        self._kernels: dict = {}
+        self._checked: dict = {}
+
+    def kernel(self, key: tuple, make: Callable[[], Callable]) -> Callable:
+        """The kernel for `key` (backend, factory, ...), made by `make()` the first time."""
+        with self._lock:
+            kern = self._kernels.get(key)
+            if kern is None:
+                kern = self._kernels[key] = make()
+        return kern
+
+    def checked(self, key: tuple, error: Callable[[], float], tolerance: float, what: str) -> bool:
+        """Whether the kernel passes its first-use self-check for `key`, run once: `error()`
+        runs it on random data and returns its relative error against the stock maths (a
+        kernel that does not compile raises there, at its first evaluation). A failure
+        warns once, "dflash_mlx {what} ({reason})", and the caller takes the stock path."""
+        with self._lock:
+            known = self._checked.get(key)
+        if known is not None:
+            return known
+        try:
+            err = error()
+            ok = math.isfinite(err) and err < tolerance
+            reason = f"self-check error {err:.2e}"
+        except Exception as e:  # noqa: BLE001 - a compile error surfaces at first evaluation
+            ok, reason = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if not ok:
+            self.warn_once(f"dflash_mlx {what} ({reason})")
+        with self._lock:
+            self._checked[key] = ok
+        return ok
 
     @contextmanager
     def use(self, backend: str, factory: KernelFactory) -> Iterator[None]:

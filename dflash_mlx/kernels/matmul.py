@@ -63,7 +63,7 @@ def kernel_source(backend: str, pass_: int, quant: bool) -> tuple[str, str]:
     """(header, body) of pass 1 (products) or 2 (split-K sum) for 'metal' or 'cuda'."""
     if backend not in ("metal", "cuda"):
         raise ValueError(f"unknown backend {backend!r}")
-    header = "#define DF_MATMUL\n" + prelude(backend, "matmul")
+    header = prelude(backend, "matmul")
     if pass_ == 1:
         entry = _METAL_ENTRY if backend == "metal" else _CUDA_ENTRY
         entry = f"#define DF_MM_PASS 1\n#define DF_MM_QUANT {int(quant)}\n" + entry

@@ -318,8 +318,7 @@ __device__ __forceinline__ void df_mma(df_frag_c& c, df_frag_a<float>& a, df_fra
 
 // @section matmul
 // ---------------------------------------------------------------- skinny matmul
-// Compiled only into the matmul kernels (kernels/matmul.py defines DF_MATMUL).
-#ifdef DF_MATMUL
+// Only the matmul kernels take this section (source.prelude(backend, "matmul")).
 // (matmul_body.h) Lane (g, t) = (lane / 4, lane % 4) reads piece t (PL consecutive k)
 // of W rows g and g + 8 and of x row g of each 8-row fragment. For the 16-k step h, its
 // fragment slots s = 0..3 hold piece elements 4 h + s. They stand for the logical k that
@@ -540,4 +539,3 @@ __device__ __forceinline__ void df_mm_dequant(df_frag_a<T>& a, const unsigned* l
     df_mm_a(a, vl, vh);
   }
 }
-#endif  // DF_MATMUL

@@ -199,8 +199,7 @@ inline void df_mma(DF_THR df_frag_c& c, DF_THR df_frag_a<T>& a, DF_THR df_frag_b
 
 // @section matmul
 // ---------------------------------------------------------------- skinny matmul
-// Compiled only into the matmul kernels (kernels/matmul.py defines DF_MATMUL).
-#ifdef DF_MATMUL
+// Only the matmul kernels take this section (source.prelude(backend, "matmul")).
 // (matmul_body.h) Lane (g, t) = (df_c_row(lane, 0), df_c_col(lane, 0) / 2) reads piece t
 // (PL consecutive k) of W rows g and g + 8. For the 16-k step h its A slots s = 0..3
 // hold piece elements 4 h + s, standing for logical k 2 t + s % 2 + 8 (s / 2) (the
@@ -304,4 +303,3 @@ inline void df_mm_dequant(DF_THR df_frag_a<T>& a, const DF_THR uint* lo, const D
     }
   }
 }
-#endif  // DF_MATMUL

@@ -17,7 +17,6 @@ whole head, angles position * scale / freq, the frequencies from a base or given
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -40,9 +39,6 @@ _CUDA_ENTRY = "const unsigned df_gid = blockIdx.x * blockDim.x + threadIdx.x;\n"
 _site = KernelSite(row_contiguous=True)
 use_backend = _site.use  # tests: the emulator as 'metal' or 'cuda'
 active_backend = _site.active
-_lock = threading.Lock()
-_kernels: dict = {}
-_checked: dict = {}
 
 
 def kernel_source(backend: str) -> tuple[str, str]:
@@ -186,24 +182,18 @@ def reference(y: mx.array, layout: Layout, offset: int | mx.array):
 
 
 def _kernel(backend: str, factory: KernelFactory):
-    key = (backend, factory)
-    with _lock:
-        kern = _kernels.get(key)
-        if kern is None:
-            header, source = kernel_source(backend)
-            kern = _kernels[key] = factory("dflash_qkv_heads", INPUTS, OUTPUTS, source, header, 0)
-    return kern
+    def make():
+        header, source = kernel_source(backend)
+        return factory("dflash_qkv_heads", INPUTS, OUTPUTS, source, header, 0)
+
+    return _site.kernel((backend, factory), make)
 
 
 def _self_check(backend: str, factory: KernelFactory, dtype, head_dim: int, norm: bool) -> bool:
-    """Run the kernel once on random data against the stock ops (a kernel that does not
-    compile fails here, at its first evaluation); one warning and the stock path if not."""
-    key = (backend, factory, dtype, head_dim, norm)
-    with _lock:
-        known = _checked.get(key)
-    if known is not None:
-        return known
-    try:
+    """Run the kernel once on random data against the stock ops; one warning and the
+    stock path if it fails."""
+
+    def error() -> float:
         keys = mx.random.split(mx.random.key(7), 4)
         layout = Layout(
             2,
@@ -218,22 +208,18 @@ def _self_check(backend: str, factory: KernelFactory, dtype, head_dim: int, norm
         got = _launch(y, layout, 37, backend, factory)
         with mx.stream(mx.cpu):
             want = reference(y, layout, 37)
-            err = max(
+            return max(
                 (mx.abs(g.astype(mx.float32) - w).max() / mx.abs(w).max()).item()
                 for g, w in zip(got, want, strict=True)
             )
-        ok = math.isfinite(err) and err < (1e-5 if dtype == mx.float32 else 2e-2)
-        reason = f"self-check error {err:.2e}"
-    except Exception as e:  # noqa: BLE001 - a compile error surfaces here, at first evaluation
-        ok, reason = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if not ok:
-        _site.warn_once(
-            f"dflash_mlx q/k/v kernel disabled on {backend} for {dtype}, D={head_dim} "
-            f"({reason}); using the model's own attention code"
-        )
-    with _lock:
-        _checked[key] = ok
-    return ok
+
+    return _site.checked(
+        (backend, factory, dtype, head_dim, norm),
+        error,
+        1e-5 if dtype == mx.float32 else 2e-2,
+        f"q/k/v kernel disabled on {backend} for {dtype}, D={head_dim}; "
+        "using the model's own attention code",
+    )
 
 
 def _evaluated(a: mx.array) -> mx.array:
