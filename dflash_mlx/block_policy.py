@@ -8,8 +8,11 @@ E(w) / C(w), each cycle:
 
 - C comes from a measurement of this machine and pair, made once (`measure_costs`, a
   few seconds, cached under the user's cache directory beside the kernel calibration)
-  and corrected on the fly by the cycles' own wall times, per width once it has run
-  (context grows, machines vary);
+  and replaced on the fly by the cycles' own wall times, per width once it has run
+  (a running mean of this generation's cycles, then a decayed one: context grows,
+  machines vary). A plain step is the yardstick: where drafting pays less than
+  STEP_MARGIN times a plain step's tokens per second, one is run now and then to time
+  it at this context (a drafting run would otherwise never correct it);
 - E(w) is pulled toward the tokens this generation's cycles of width w really emitted
   (decayed; the model weighs as REALIZED_WEIGHT cycles): acceptance comes in stretches,
   which rates multiplied along the block underrate at widths drafted only now and then;
@@ -24,8 +27,9 @@ Width 1 still feeds the draft's context, so after a run of plain steps a probe c
 drafts again (at the width the prior would pick): after 4 plain steps where the prior
 says drafting pays, else only when the probe's expected loss (its time less that of the
 plain steps for its expected tokens) stays under 2 % of the plain steps' (a CPU). The
-spacing doubles while probes keep failing, so a pair that does not pay costs little
-more than plain decoding.
+spacing doubles while probes keep failing (a probe that only breaks even fails: it must
+beat plain steps by PROBE_GAIN), so a pair that does not pay costs little more than
+plain decoding.
 
 The width never changes a result: greedy output is the target's own at every width and
 sampling stays exact, since the choice depends only on cycles already finished.
@@ -58,7 +62,11 @@ DECAY = 0.95  # per drafting cycle: older ones count less (acceptance moves with
 REALIZED_WEIGHT = 2.0  # the model's E(w) counts as this many cycles against realized ones
 PROBE_AFTER = 4  # plain steps before the first probe, at least
 PROBE_BUDGET = 0.02  # a probe's expected loss, as a fraction of the plain steps before it
+PROBE_GAIN = 1.1  # a probe pays when it beats plain steps by this (break-even: noise)
 WIDER_EVERY = 4  # drafting cycles below the block size between tries of a wider width
+STEP_MARGIN = 2.0  # drafting paying less than this many plain steps' rate: time a step
+STEP_EVERY = 16  # drafting cycles between those timings (the first after WIDER_EVERY)
+EMA = 0.2  # weight of a new wall time in a width's cost, after its first 1 / EMA ones
 
 
 class BlockPolicy(Protocol):
@@ -202,7 +210,10 @@ class AutoPolicy:
         self.realized: dict[int, list[float]] = {}
         # measured / calibrated: per width once it has run, else per kind (step, cycle)
         self.scale: dict[int | str, float] = {"step": 1.0, "cycle": 1.0}
+        self.timings: dict[int | str, int] = {}  # wall times folded into each scale
         self._seen: set[int] = set()
+        self.since_step = STEP_EVERY - WIDER_EVERY  # drafting cycles since a timed step
+        self.step_timing = 0  # plain steps still to run to time one
         self.plain = 0  # plain steps since the last drafting cycle
         self.failed_probes = 0
         self._probe: int | None = None  # width of the probe in flight
@@ -251,9 +262,29 @@ class AutoPolicy:
         for a width that pays more than the best one so far."""
         return min(self.widths, key=lambda w: (abs(w - 2 * width), -w))
 
+    def time_step(self, width: int) -> bool:
+        """Whether to run plain steps now to time one: the choice of `width` over a plain
+        step hangs on the step's cost (drafting pays under STEP_MARGIN times its rate),
+        which a run of drafting cycles never measures."""
+        if not self.timed or self.since_step < STEP_EVERY:
+            return False
+        rates = self.acceptance.rates()
+        margin = self.expected(width, rates) / self.seconds(width) * self.seconds(1)
+        if margin >= STEP_MARGIN:
+            return False
+        self.since_step = 0
+        self.step_timing = 1 if 1 in self._seen else 2  # a width's first time is not used
+        return True
+
     def choose(self) -> int:
+        if self.step_timing:
+            self.step_timing -= 1
+            return 1
         if self.plain == 0:
             width = self.best(self.widths)
+            if width > 1 and self.time_step(width):
+                self.step_timing -= 1
+                return 1
             if 1 < width < self.max_width:
                 # Costs measured at another context and rates of untried positions are
                 # guesses: now and then a wider cycle measures both.
@@ -282,13 +313,19 @@ class AutoPolicy:
             ratio = min(max(seconds / self.costs.seconds[width], 0.25), 4.0)
             before = {key: self.scale.get(key, self.scale[kind]) for key in (kind, width)}
             for key, old in before.items():
-                self.scale[key] = math.exp(0.8 * math.log(old) + 0.2 * math.log(ratio))
+                n = self.timings.get(key, 0)
+                new = max(1 / (n + 1), EMA)  # the measured file's value is only a prior
+                self.scale[key] = math.exp((1 - new) * math.log(old) + new * math.log(ratio))
+                self.timings[key] = n + 1
+            if width == 1:
+                self.since_step = 0
         self._seen.add(width)
         if width == 1:
             return
+        self.since_step += 1
         if self._probe == width:
             self._probe = None
-            if (1 + accepted) / self.seconds(width) > 1 / self.seconds(1):
+            if (1 + accepted) / self.seconds(width) > PROBE_GAIN / self.seconds(1):
                 # It paid for itself: the text changed; judge it afresh from the prior.
                 self.failed_probes = 0
                 self.acceptance = Acceptance(list(self.prior))

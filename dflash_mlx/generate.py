@@ -237,15 +237,20 @@ def dflash_cycles(
             # logits processors must see each token first.
             queue: list[Unread] = []
             tick = time.perf_counter()
+            chosen = 0  # a width chosen but not launched yet
 
             while n_emitted < max_tokens:
                 in_flight = 0 if static else len(queue)  # queued plain steps: 1 token each
-                bs = policy.choose()
+                bs, chosen = chosen or policy.choose(), 0
                 if not static:
                     bs = min(bs, max_tokens - n_emitted - in_flight)
                 ready, cold = [], False
                 if bs < 1:  # the queued steps end the generation
                     ready, queue = queue, []
+                elif bs > 1 and not static and queue:
+                    # A drafting cycle that syncs: read the queued step before launching it,
+                    # so each cycle's wall time is its own (the policy weighs them).
+                    chosen, ready, queue = bs, queue, []
                 elif bs == 1 and not static:
                     # A plain step: the target alone, as mlx_lm decodes.
                     block = anchor
@@ -263,7 +268,7 @@ def dflash_cycles(
                     block, n_acc, nxt, logprobs = drafting_cycle(anchor, bs)
                     valid = 1
 
-                if bs >= 1:
+                if bs >= 1 and not chosen:
                     this = Unread(block, n_acc, nxt, logprobs, bs)
                     if static or (bs == 1 and not processors):
                         # Committed on the device; the host reads the cycle queued before.
