@@ -12,7 +12,9 @@ E(w) / C(w), each cycle:
   (a running mean of this generation's cycles, then a decayed one: context grows,
   machines vary). A plain step is the yardstick: where drafting pays less than
   STEP_MARGIN times a plain step's tokens per second, one is run now and then to time
-  it at this context (a drafting run would otherwise never correct it);
+  it at this context (a drafting run would otherwise never correct it); once the
+  generation has drafted, a width not timed yet counts UNTRIED of its cost, so a width
+  nearly best is tried once (wide cycles may cost far less here than where measured);
 - E(w) is pulled toward the tokens this generation's cycles of width w really emitted
   (decayed; the model weighs as REALIZED_WEIGHT cycles): acceptance comes in stretches,
   which rates multiplied along the block underrate at widths drafted only now and then;
@@ -67,6 +69,7 @@ WIDER_EVERY = 4  # drafting cycles below the block size between tries of a wider
 STEP_MARGIN = 2.0  # drafting paying less than this many plain steps' rate: time a step
 STEP_EVERY = 16  # drafting cycles between those timings (the first after WIDER_EVERY)
 EMA = 0.2  # weight of a new wall time in a width's cost, after its first 1 / EMA ones
+UNTRIED = 0.8  # an untimed width's cost counts this much: tried once if nearly best
 
 
 class BlockPolicy(Protocol):
@@ -223,6 +226,13 @@ class AutoPolicy:
         kind = "step" if width == 1 else "cycle"
         return self.costs.seconds[width] * self.scale.get(width, self.scale[kind])
 
+    def estimate(self, width: int) -> float:
+        """seconds(width) as the choice weighs it: once this generation has drafted, a
+        drafting width it has not timed yet counts UNTRIED of it (its cost was measured
+        at another context), so one within that of the best is tried once and then known."""
+        untried = self.timed and self.acceptance.tried and width > 1 and width not in self.timings
+        return self.seconds(width) * (UNTRIED if untried else 1.0)
+
     def expected(self, width: int, rates: list[float]) -> float:
         """E(width): the rates' model, pulled toward the tokens cycles of this width
         really emitted. Acceptance comes in stretches (a text is predictable for a while,
@@ -236,9 +246,9 @@ class AutoPolicy:
         """The width with the most expected tokens per second: this text's (blended with
         its cycles so far), or at `rates` alone (the prior's, for probes)."""
         if rates is not None:
-            return max(widths, key=lambda w: expected_tokens(rates, w) / self.seconds(w))
+            return max(widths, key=lambda w: expected_tokens(rates, w) / self.estimate(w))
         rates = self.acceptance.rates()
-        return max(widths, key=lambda w: self.expected(w, rates) / self.seconds(w))
+        return max(widths, key=lambda w: self.expected(w, rates) / self.estimate(w))
 
     def probe_width(self) -> int:
         """Where to try drafting again: the best drafting width at the prior's rates."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from types import SimpleNamespace
 
 import mlx.core as mx
 import pytest
@@ -180,6 +181,33 @@ def test_a_stale_step_cost_is_timed_again():
         if i >= 100:
             time_spent, tokens = time_spent + real[w], tokens + 1 + accepted
     assert time_spent / tokens < 1.05
+
+
+def test_wide_cycles_cheaper_than_measured_are_found_from_plain_steps():
+    """A CPU at a shorter context than the costs were measured at: there a width-16
+    cycle cost 13 steps, here 8, and a text whose drafts are accepted at 0.95 a position
+    under a short-prompt prior. By the file no width pays (so auto falls back to plain
+    steps); by the real costs the full block pays 1.4x a plain step and narrow ones barely
+    at all. Untried widths counting UNTRIED of their cost, a probe's acceptance leads auto
+    to try the block and keep it: its time per token within 10 % of fixed 16's."""
+    import random
+
+    measured = {1: 1.0, 2: 2.5, 3: 3.2, 4: 4.0, 8: 7.0, 16: 13.0}
+    real = {1: 1.0, 2: 2.4, 3: 3.0, 4: 3.6, 8: 5.2, 16: 8.0}
+    short = [0.74, 0.58, 0.45, 0.36, 0.29, 0.25, 0.22, 0.20, 0.19, 0.18, 0.17, 0.17, 0.16]
+    prior = block_policy.prior_rates(SimpleNamespace(acceptance_prior=short), 16)
+    assert all(expected_tokens([0.95] * 15, w) / measured[w] < 1 for w in measured if w > 1)
+    rnd = random.Random(1)
+    policy = AutoPolicy(Costs(measured), prior, 16)
+    spent = tokens = 0.0
+    for i in range(400):
+        w = policy.choose()
+        accepted = next((k for k in range(w - 1) if rnd.random() > 0.95), w - 1)
+        policy.observe(w, accepted, real[w])
+        if i >= 200:
+            spent, tokens = spent + real[w], tokens + 1 + accepted
+    fixed = real[16] / expected_tokens([0.95] * 15, 16)
+    assert fixed < 1 / 1.3 and spent / tokens < 1.1 * fixed
 
 
 def test_a_text_in_stretches_is_drafted_at_its_best_width():

@@ -22,10 +22,18 @@ from .source import prelude, read_source
 
 INPUTS = ["x", "r", "w", "params", "fparams"]
 OUTPUTS = ["h", "y"]
-THREADS = 256
-MAX_HIDDEN = 64 * THREADS  # a row's elements live in registers, PER per thread
+MAX_THREADS = 1024
+PER_THREAD = 4  # elements a thread holds, where the row allows (a 16-row verify runs 16
+# threadgroups, so a row's latency is the kernel's: short per-thread chains pay)
+MAX_HIDDEN = 64 * MAX_THREADS  # a row's elements live in registers, PER per thread
 _DTYPES = (mx.float16, mx.bfloat16, mx.float32)
-_SMEM = 4 * THREADS // 32  # bytes: one partial sum per simdgroup
+_SMEM = 4 * MAX_THREADS // 32  # bytes: one partial sum per simdgroup
+
+
+def threads(H: int) -> int:
+    """Threads per row: PER_THREAD elements each, whole simdgroups, at most MAX_THREADS."""
+    return min(MAX_THREADS, 32 * -(-H // (32 * PER_THREAD)))
+
 
 _METAL_ENTRY = """\
 const uint df_tid = thread_index_in_threadgroup;
@@ -94,11 +102,12 @@ def add_then_norm(
 def _launch(x, r, w, eps, backend, factory):
     H = x.shape[-1]
     rows = x.size // H
+    n = threads(H)
     h, y = _kernel(backend, factory)(
         inputs=[x, r, w, constant((rows, H)), constant((eps,), mx.float32)],
-        template=[("T", x.dtype), ("THREADS", THREADS), ("PER", -(-H // THREADS))],
-        grid=(rows * THREADS, 1, 1),
-        threadgroup=(THREADS, 1, 1),
+        template=[("T", x.dtype), ("THREADS", n), ("PER", -(-H // n))],
+        grid=(rows * n, 1, 1),
+        threadgroup=(n, 1, 1),
         output_shapes=[x.shape, x.shape],
         output_dtypes=[x.dtype, x.dtype],
     )
