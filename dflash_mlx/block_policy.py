@@ -13,8 +13,8 @@ E(w) / C(w), each cycle:
   machines vary). A plain step is the yardstick: where drafting pays less than
   STEP_MARGIN times a plain step's tokens per second, one is run now and then to time
   it at this context (a drafting run would otherwise never correct it); once the
-  generation has drafted, a width not timed yet counts UNTRIED of its cost, so a width
-  nearly best is tried once (wide cycles may cost far less here than where measured);
+  generation has drafted, a width wider than any timed counts UNTRIED of its cost, so
+  one nearly best is tried once (wide cycles may cost far less here than where measured);
 - E(w) is pulled toward the tokens this generation's cycles of width w really emitted
   (decayed; the model weighs as REALIZED_WEIGHT cycles): acceptance comes in stretches,
   which rates multiplied along the block underrate at widths drafted only now and then;
@@ -228,9 +228,12 @@ class AutoPolicy:
 
     def estimate(self, width: int) -> float:
         """seconds(width) as the choice weighs it: once this generation has drafted, a
-        drafting width it has not timed yet counts UNTRIED of it (its cost was measured
-        at another context), so one within that of the best is tried once and then known."""
-        untried = self.timed and self.acceptance.tried and width > 1 and width not in self.timings
+        width wider than any it has timed counts UNTRIED of it (its cost was measured at
+        another context), so one within that of the best is tried once and then known.
+        Upwards only: with static caches each new width compiles a cycle, and narrower
+        widths than a timed one are priced by its measured scale."""
+        widest = max((w for w in self.timings if isinstance(w, int)), default=1)
+        untried = self.timed and self.acceptance.tried and width > widest
         return self.seconds(width) * (UNTRIED if untried else 1.0)
 
     def expected(self, width: int, rates: list[float]) -> float:
