@@ -8,9 +8,10 @@ E(w) / C(w), each cycle:
 
 - C comes from a measurement of this machine and pair, made once (`measure_costs`, a
   few seconds, cached under the user's cache directory beside the kernel calibration)
-  and replaced on the fly by the cycles' own wall times, per width once it has run
-  (a running mean of this generation's cycles, then a decayed one: context grows,
-  machines vary). A plain step is the yardstick: where drafting pays less than
+  and corrected on the fly by the cycles' own wall times: per kind (plain step,
+  drafting cycle) a running mean of the first readings then a decayed one, which
+  replaces the file's level (context grows, machines vary), and per drafting width a
+  decayed correction against its kind's. A plain step is the yardstick: where drafting pays less than
   STEP_MARGIN times a plain step's tokens per second, one is run now and then to time
   it at this context (a drafting run would otherwise never correct it); once the
   generation has drafted, a width wider than any timed counts UNTRIED of its cost, so
@@ -68,7 +69,8 @@ PROBE_GAIN = 1.1  # a probe pays when it beats plain steps by this (break-even: 
 WIDER_EVERY = 4  # drafting cycles below the block size between tries of a wider width
 STEP_MARGIN = 2.0  # drafting paying less than this many plain steps' rate: time a step
 STEP_EVERY = 16  # drafting cycles between those timings (the first after WIDER_EVERY)
-EMA = 0.2  # weight of a new wall time in a width's cost, after its first 1 / EMA ones
+STEP_RUN = 8  # plain steps folded into the costs together (their mean)
+EMA = 0.2  # weight of a new wall time (in a kind's level: after its first 1 / EMA)
 UNTRIED = 0.8  # an untimed width's cost counts this much: tried once if nearly best
 
 
@@ -211,20 +213,24 @@ class AutoPolicy:
         self.acceptance = Acceptance(list(self.prior))
         # per drafting width: decayed (tokens emitted, cycles) of the cycles run at it
         self.realized: dict[int, list[float]] = {}
-        # measured / calibrated: per width once it has run, else per kind (step, cycle)
-        self.scale: dict[int | str, float] = {"step": 1.0, "cycle": 1.0}
-        self.timings: dict[int | str, int] = {}  # wall times folded into each scale
+        # measured / file, per kind (step, cycle): this machine at this context now
+        self.scale: dict[str, float] = {"step": 1.0, "cycle": 1.0}
+        self.timings: dict[str, int] = {}  # wall times folded into each kind's scale
+        # per drafting width once it has run: its own measured / file, against its kind's
+        self.relative: dict[int, float] = {}
         self._seen: set[int] = set()
+        self._steps = [0.0, 0]  # this run of plain steps' wall time and count
         self.since_step = STEP_EVERY - WIDER_EVERY  # drafting cycles since a timed step
         self.step_timing = 0  # plain steps still to run to time one
         self.plain = 0  # plain steps since the last drafting cycle
         self.failed_probes = 0
         self._probe: int | None = None  # width of the probe in flight
+        self.next_probe: int | None = None  # wider, after a probe whose drafts all passed
         self.since_wider = 0  # drafting cycles since a wider width than the best was tried
 
     def seconds(self, width: int) -> float:
         kind = "step" if width == 1 else "cycle"
-        return self.costs.seconds[width] * self.scale.get(width, self.scale[kind])
+        return self.costs.seconds[width] * self.scale[kind] * self.relative.get(width, 1.0)
 
     def estimate(self, width: int) -> float:
         """seconds(width) as the choice weighs it: once this generation has drafted, a
@@ -232,7 +238,7 @@ class AutoPolicy:
         another context), so one within that of the best is tried once and then known.
         Upwards only: with static caches each new width compiles a cycle, and narrower
         widths than a timed one are priced by its measured scale."""
-        widest = max((w for w in self.timings if isinstance(w, int)), default=1)
+        widest = max(self.relative, default=1)
         untried = self.timed and self.acceptance.tried and width > widest
         return self.seconds(width) * (UNTRIED if untried else 1.0)
 
@@ -254,8 +260,9 @@ class AutoPolicy:
         return max(widths, key=lambda w: self.expected(w, rates) / self.estimate(w))
 
     def probe_width(self) -> int:
-        """Where to try drafting again: the best drafting width at the prior's rates."""
-        return self.best(self.widths[1:], self.prior)
+        """Where to try drafting again: the best drafting width at the prior's rates, or
+        a wider one after a probe that did not pay though all its drafts passed."""
+        return self.next_probe or self.best(self.widths[1:], self.prior)
 
     def probe_after(self) -> int:
         """Plain steps before the next probe, doubling with every probe that did not pay
@@ -286,7 +293,7 @@ class AutoPolicy:
         if margin >= STEP_MARGIN:
             return False
         self.since_step = 0
-        self.step_timing = 1 if 1 in self._seen else 2  # a width's first time is not used
+        self.step_timing = 2  # timed as a run (observe)
         return True
 
     def choose(self) -> int:
@@ -319,32 +326,57 @@ class AutoPolicy:
         self.plain += 1
         return 1
 
+    def _fold(self, width: int, seconds: float) -> None:
+        """A wall time into the costs. A kind's level (machine, context) from its first
+        readings on, replacing the file's; a width's cost against the others' decays
+        slowly: the file measured them back to back, a reading here is one noisy cycle."""
+        kind = "step" if width == 1 else "cycle"
+        ratio = min(max(seconds / self.costs.seconds[width], 0.25), 4.0)
+        n = self.timings.get(kind, 0)
+        new = max(1 / (n + 1), EMA)
+        level = math.exp((1 - new) * math.log(self.scale[kind]) + new * math.log(ratio))
+        self.scale[kind], self.timings[kind] = level, n + 1
+        if width > 1:
+            old = self.relative.get(width, 1.0)
+            self.relative[width] = math.exp(
+                (1 - EMA) * math.log(old) + EMA * math.log(ratio / level)
+            )
+
+    def _fold_steps(self) -> None:
+        total, n = self._steps
+        if n:
+            self._fold(1, total / n)
+            self._steps, self.since_step = [0.0, 0], 0
+
     def observe(self, width: int, accepted: int, seconds: float | None) -> None:
+        if width == 1:
+            # Plain steps are read one behind (queued), so one's wall time may hold the
+            # next one's work: a run's mean is theirs. (A compiling first call: None.)
+            if self.timed and seconds is not None:
+                self._steps[0] += seconds
+                self._steps[1] += 1
+                if self._steps[1] >= STEP_RUN:
+                    self._fold_steps()
+            return
+        self._fold_steps()
         # A width's first cycle may compile it (the first use of a kernel, say).
         if self.timed and seconds is not None and width in self._seen:
-            kind = "step" if width == 1 else "cycle"
-            ratio = min(max(seconds / self.costs.seconds[width], 0.25), 4.0)
-            before = {key: self.scale.get(key, self.scale[kind]) for key in (kind, width)}
-            for key, old in before.items():
-                n = self.timings.get(key, 0)
-                new = max(1 / (n + 1), EMA)  # the measured file's value is only a prior
-                self.scale[key] = math.exp((1 - new) * math.log(old) + new * math.log(ratio))
-                self.timings[key] = n + 1
-            if width == 1:
-                self.since_step = 0
+            self._fold(width, seconds)
         self._seen.add(width)
-        if width == 1:
-            return
         self.since_step += 1
         if self._probe == width:
             self._probe = None
             if (1 + accepted) / self.seconds(width) > PROBE_GAIN / self.seconds(1):
                 # It paid for itself: the text changed; judge it afresh from the prior.
-                self.failed_probes = 0
+                self.failed_probes, self.next_probe = 0, None
                 self.acceptance = Acceptance(list(self.prior))
                 self.realized = {}
+            elif accepted == width - 1 < self.max_width - 1:
+                # Too narrow to pay, not a bad text: the next probe goes wider, as soon.
+                self.next_probe = self.wider(width)
             else:
                 self.failed_probes += 1
+                self.next_probe = None
         self.acceptance.observe(width, accepted)
         for stats in self.realized.values():
             stats[0] *= self.acceptance.decay
