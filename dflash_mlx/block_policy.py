@@ -11,11 +11,13 @@ E(w) / C(w), each cycle:
   and corrected on the fly by the cycles' own wall times: per kind (plain step,
   drafting cycle) a running mean of the first readings then a decayed one, which
   replaces the file's level (context grows, machines vary), and per drafting width a
-  decayed correction against its kind's. A plain step is the yardstick: where drafting pays less than
-  STEP_MARGIN times a plain step's tokens per second, one is run now and then to time
-  it at this context (a drafting run would otherwise never correct it); once the
-  generation has drafted, a width wider than any timed counts UNTRIED of its cost, so
-  one nearly best is tried once (wide cycles may cost far less here than where measured);
+  decayed correction against its kind's. A plain step is the yardstick: where drafting
+  pays less than STEP_MARGIN times a plain step's tokens per second, two are run now
+  and then to time one at this context (a drafting run would otherwise never correct
+  it); plain steps count as runs (their mean: read one behind, a queued step's time may
+  hold the next one's work). Once the generation has drafted, a width wider than any
+  timed counts UNTRIED of its cost, so one nearly best is tried once (wide cycles may
+  cost far less here than where they were measured);
 - E(w) is pulled toward the tokens this generation's cycles of width w really emitted
   (decayed; the model weighs as REALIZED_WEIGHT cycles): acceptance comes in stretches,
   which rates multiplied along the block underrate at widths drafted only now and then;

@@ -4,9 +4,9 @@
 // stream, y into the next projection. The body is shared by Metal, CUDA and the CPU
 // emulator.
 //
-// One threadgroup of THREADS (<= 1024) per row; thread t holds elements t + j THREADS, j < PER, in
-// registers: every load of a pass is issued before its first store (a store between
-// loads could alias them, and would make each load wait for the one before).
+// One threadgroup of THREADS (<= 1024) per row; thread t holds elements t + j THREADS,
+// j < PER, in registers: every load of a pass is issued before its first store (a store
+// between loads could alias them, and would make each load wait for the one before).
 //
 // Names supplied around this body: template T, THREADS, PER (ceil(H / THREADS)); inputs
 // x, r [rows, H] (row-contiguous), w [H] (T), params (int32: rows, H), fparams (fp32:
