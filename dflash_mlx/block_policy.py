@@ -73,7 +73,6 @@ STEP_MARGIN = 2.0  # drafting paying less than this many plain steps' rate: time
 STEP_EVERY = 16  # drafting cycles between those timings (the first after WIDER_EVERY)
 STEP_RUN = 8  # plain steps folded into the costs together (their mean)
 EMA = 0.2  # weight of a new wall time (in a kind's level: after its first 1 / EMA)
-LEARNED_WEIGHT = 2  # readings a level learnt by earlier generations counts as
 UNTRIED = 0.8  # an untimed width's cost counts this much: tried once if nearly best
 
 
@@ -204,14 +203,7 @@ class Costs:
 class AutoPolicy:
     """The width with the most expected tokens per second, cycle by cycle."""
 
-    def __init__(
-        self,
-        costs: Costs,
-        rates: list[float],
-        block_size: int,
-        timed: bool = True,
-        learned: dict | None = None,
-    ):
+    def __init__(self, costs: Costs, rates: list[float], block_size: int, timed: bool = True):
         # timed: correct the costs by the cycles' wall times. Off when sampling: the
         # widths decide how the random draws are used, so widths that followed the clock
         # would make a seeded run unrepeatable (greedy output is the same at any width).
@@ -228,14 +220,6 @@ class AutoPolicy:
         self.timings: dict[str, int] = {}  # wall times folded into each kind's scale
         # per drafting width once it has run: its own measured / file, against its kind's
         self.relative: dict[int, float] = {}
-        # learned: where the corrections live across generations (make_policy keeps one
-        # per pair, machine and context length): a generation starts from the last one's,
-        # counted as LEARNED_WEIGHT readings so its own still move them.
-        self.learned = learned if timed else None  # untimed: the file's costs alone
-        if self.learned:
-            self.scale.update(learned["scale"])
-            self.relative.update(learned["relative"])
-            self.timings = {k: min(n, LEARNED_WEIGHT) for k, n in learned["timings"].items()}
         self._seen: set[int] = set()
         self._steps = [0.0, 0]  # this run of plain steps' wall time and count
         self.since_step = STEP_EVERY - WIDER_EVERY  # drafting cycles since a timed step
@@ -359,8 +343,6 @@ class AutoPolicy:
             self.relative[width] = math.exp(
                 (1 - EMA) * math.log(old) + EMA * math.log(ratio / level)
             )
-        if self.learned is not None:
-            self.learned.update(scale=self.scale, relative=self.relative, timings=self.timings)
 
     def _fold_steps(self) -> None:
         total, n = self._steps
@@ -482,7 +464,6 @@ def costs_path(model: nn.Module, draft: Any) -> Path:
 
 
 _measured: dict[Path, Costs] = {}
-_learned: dict[tuple[Path, int], dict] = {}  # AutoPolicy's corrections, across generations
 
 
 def cached_costs(model: nn.Module, draft: Any, block_size: int, force: bool = False) -> Costs:
@@ -503,8 +484,6 @@ def cached_costs(model: nn.Module, draft: Any, block_size: int, force: bool = Fa
         start = time.perf_counter()
         measured = measure_costs(model, draft, widths, progress=lambda d, _: bar.update(1))
         bar.close()
-        for key in [k for k in _learned if k[0] == path]:  # corrections of the old costs
-            del _learned[key]
         old = costs.seconds if costs else {}
         costs = Costs({**old, **measured.seconds}, measured.context)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -533,10 +512,7 @@ def make_policy(
     if block_size is None or block_size == "auto":
         B = draft.block_size
         rates = prior_rates(draft, B, context)
-        costs = cached_costs(model, draft, B)
-        # Costs move with the context: what generations learnt is kept per length octave.
-        key = (costs_path(model, draft), (context or CONTEXT).bit_length())
-        return AutoPolicy(costs, rates, B, timed, _learned.setdefault(key, {}))
+        return AutoPolicy(cached_costs(model, draft, B), rates, B, timed)
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise ValueError(  # noqa: TRY004 (a bad value from the user: one line)
             f"block size must be a positive int or 'auto', got {block_size!r}"

@@ -210,35 +210,6 @@ def test_wide_cycles_cheaper_than_measured_are_found_from_plain_steps():
     assert fixed < 1 / 1.3 and spent / tokens < 1.1 * fixed
 
 
-def test_the_next_generation_starts_from_what_this_one_learnt():
-    """Costs measured at a short context, a long one here (a CPU: a width-5 cycle 5.5 plain
-    steps against the file's 2.9): the first generation drafts until its wall times say
-    otherwise; the next one, given the corrections the first left (make_policy keeps them
-    per pair and context length), decodes plainly from its first cycle."""
-    measured = {1: 1.0, 2: 1.8, 3: 2.2, 4: 2.6, 5: 2.9}
-    real = {1: 1.0, 2: 2.6, 3: 3.6, 4: 4.6, 5: 5.5}
-    rates = [0.9] * 4
-    learned: dict = {}
-    runs = []
-    for _ in range(2):
-        policy = AutoPolicy(Costs(measured), rates, 5, learned=learned)
-        widths = []
-        for _ in range(40):
-            w = policy.choose()
-            widths.append(w)
-            policy.observe(w, w - 1, real[w])
-        runs.append(widths)
-    assert max(runs[0][:3]) > 1  # by the file, drafting pays
-    assert runs[1][:10] == [1] * 10
-
-
-def test_make_policy_keeps_corrections_per_context_length(tiny_pair):
-    model, draft, _ = tiny_pair
-    first = make_policy(model, draft, "auto", context=1000)
-    assert make_policy(model, draft, "auto", context=900).learned is first.learned
-    assert make_policy(model, draft, "auto", context=4000).learned is not first.learned
-
-
 def test_a_text_in_stretches_is_drafted_at_its_best_width():
     """A text whose drafts are all accepted or none (the first draft rejected in a
     quarter of the cycles), under a prior that is low past position 4: the true E(w) is
