@@ -33,7 +33,7 @@ drafts again (at the width the prior would pick): after 4 plain steps where the 
 says drafting pays, else only when the probe's expected loss (its time less that of the
 plain steps for its expected tokens) stays under 2 % of the plain steps' (a CPU). The
 spacing doubles while probes keep failing (a probe that only breaks even fails: it must
-beat plain steps by PROBE_GAIN), so a pair that does not pay costs little more than
+beat plain steps by GAIN, as any drafting must), so a pair that does not pay costs little more than
 plain decoding.
 
 The width never changes a result: greedy output is the target's own at every width and
@@ -57,9 +57,10 @@ from typing import Any, Protocol
 import mlx.core as mx
 from mlx import nn
 
-FORMAT = 1
+FORMAT = 2  # 1 had no long context: such files are measured again
 CANDIDATES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
 CONTEXT = 512  # positions in the caches while costs are measured
+LONG_CONTEXT = 4096  # ... and once more (a prompt cache of repeated keys: no prefill)
 WARMUP, TIMED = 3, 5  # cycles per width: discarded (first use compiles), then timed
 GENERIC_PRIOR = 0.8  # a_i for a draft without a training result
 PRIOR_STRENGTH = 8.0  # how many cycles' worth of evidence the prior weighs
@@ -67,7 +68,8 @@ DECAY = 0.95  # per drafting cycle: older ones count less (acceptance moves with
 REALIZED_WEIGHT = 2.0  # the model's E(w) counts as this many cycles against realized ones
 PROBE_AFTER = 4  # plain steps before the first probe, at least
 PROBE_BUDGET = 0.02  # a probe's expected loss, as a fraction of the plain steps before it
-PROBE_GAIN = 1.1  # a probe pays when it beats plain steps by this (break-even: noise)
+GAIN = 1.1  # drafting (a probe too) must beat plain steps by this: at break-even, noise
+# and the model's errors decide, and plain steps are what the user gets without DFlash
 WIDER_EVERY = 4  # drafting cycles below the block size between tries of a wider width
 STEP_MARGIN = 2.0  # drafting paying less than this many plain steps' rate: time a step
 STEP_EVERY = 16  # drafting cycles between those timings (the first after WIDER_EVERY)
@@ -182,32 +184,68 @@ def prior_rates(draft: Any, block_size: int, context: int | None = None) -> list
 
 @dataclass
 class Costs:
-    """Seconds per cycle of each measured width (1: a plain target step)."""
+    """Seconds per cycle of each measured width (1: a plain target step) at `context`
+    positions in the caches and, when measured there too, at `long_context`: between
+    and beyond the two, a width's cost is linear in the context (attention reads every
+    cached position: on a CPU a verify's attention at 4k keys costs many plain steps)."""
 
     seconds: dict[int, float]
     context: int = CONTEXT
+    long: dict[int, float] = field(default_factory=dict)
+    long_context: int = LONG_CONTEXT
+
+    def at(self, width: int, context: int | None = None) -> float:
+        short = self.seconds[width]
+        if context is None or width not in self.long:
+            return short
+        long = self.long[width]
+        if long <= short:  # never cheaper with more context: noise, which only adds time
+            return long
+        slope = (long - short) / (self.long_context - self.context)
+        return max(short + slope * (context - self.context), 0.5 * short)
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "context": self.context, "seconds": self.seconds}
+        return {
+            "format": FORMAT,
+            "context": self.context,
+            "seconds": self.seconds,
+            "long_context": self.long_context,
+            "long": self.long,
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> Costs:
         if data.get("format") != FORMAT:
             raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
         seconds = {int(w): float(s) for w, s in data["seconds"].items()}
-        if 1 not in seconds or any(not (s > 0 and math.isfinite(s)) for s in seconds.values()):
+        long = {int(w): float(s) for w, s in data["long"].items()}
+        times = [*seconds.values(), *long.values()]
+        if 1 not in seconds or any(not (s > 0 and math.isfinite(s)) for s in times):
             raise ValueError("needs a positive time for width 1 and every other width")
-        return cls(seconds, int(data.get("context", CONTEXT)))
+        context, long_context = int(data["context"]), int(data["long_context"])
+        if not 0 < context < long_context:
+            raise ValueError(f"contexts {context} and {long_context}: need 0 < short < long")
+        return cls(seconds, context, long, long_context)
 
 
 class AutoPolicy:
     """The width with the most expected tokens per second, cycle by cycle."""
 
-    def __init__(self, costs: Costs, rates: list[float], block_size: int, timed: bool = True):
+    def __init__(
+        self,
+        costs: Costs,
+        rates: list[float],
+        block_size: int,
+        timed: bool = True,
+        context: int | None = None,
+    ):
         # timed: correct the costs by the cycles' wall times. Off when sampling: the
         # widths decide how the random draws are used, so widths that followed the clock
         # would make a seeded run unrepeatable (greedy output is the same at any width).
         self.timed = timed
+        # Positions in the caches (grows with every emitted token); None: the costs at
+        # the context they were measured at.
+        self.context = context
         self.widths = [w for w in widths_up_to(block_size) if w in costs.seconds] or [1]
         self.max_width = max(self.widths)
         self.costs = costs
@@ -232,7 +270,8 @@ class AutoPolicy:
 
     def seconds(self, width: int) -> float:
         kind = "step" if width == 1 else "cycle"
-        return self.costs.seconds[width] * self.scale[kind] * self.relative.get(width, 1.0)
+        measured = self.costs.at(width, self.context)
+        return measured * self.scale[kind] * self.relative.get(width, 1.0)
 
     def estimate(self, width: int) -> float:
         """seconds(width) as the choice weighs it: once this generation has drafted, a
@@ -244,22 +283,33 @@ class AutoPolicy:
         untried = self.timed and self.acceptance.tried and width > widest
         return self.seconds(width) * (UNTRIED if untried else 1.0)
 
-    def expected(self, width: int, rates: list[float]) -> float:
-        """E(width): the rates' model, pulled toward the tokens cycles of this width
-        really emitted. Acceptance comes in stretches (a text is predictable for a while,
-        then not), which per-position rates multiplied along the block underrate at
-        widths drafted seldom (tried every WIDER_EVERY cycles)."""
-        model = expected_tokens(rates, width)
-        tokens, cycles = self.realized.get(width, (0.0, 0.0))
-        return (tokens + REALIZED_WEIGHT * model) / (cycles + REALIZED_WEIGHT)
+    def expected(self, rates: list[float]) -> dict[int, float]:
+        """E(w) of every width: the rates' model, pulled toward the tokens cycles of that
+        width really emitted. Acceptance comes in stretches (a text is predictable for a
+        while, then not), which per-position rates multiplied along the block underrate at
+        widths drafted seldom (tried every WIDER_EVERY cycles). A wider cycle emits at
+        least what a narrower one would at the same point (it drafts the same tokens
+        first), so E(w) is at least every narrower width's: otherwise a width run in a
+        predictable stretch looks better than the wider ones run at other times."""
+        out, most = {}, 0.0
+        for w in self.widths:
+            tokens, cycles = self.realized.get(w, (0.0, 0.0))
+            blend = (tokens + REALIZED_WEIGHT * expected_tokens(rates, w)) / (
+                cycles + REALIZED_WEIGHT
+            )
+            most = out[w] = max(most, blend)
+        return out
 
-    def best(self, widths: list[int], rates: list[float] | None = None) -> int:
-        """The width with the most expected tokens per second: this text's (blended with
-        its cycles so far), or at `rates` alone (the prior's, for probes)."""
-        if rates is not None:
-            return max(widths, key=lambda w: expected_tokens(rates, w) / self.estimate(w))
-        rates = self.acceptance.rates()
-        return max(widths, key=lambda w: self.expected(w, rates) / self.estimate(w))
+    def best(self, widths: list[int], rates: list[float] | None = None, gain: float = 1.0) -> int:
+        """The width with the most expected tokens per second, drafting's divided by
+        `gain`: this text's (blended with its cycles so far), or at `rates` alone (the
+        prior's, for probes)."""
+        if rates is None:
+            E = self.expected(self.acceptance.rates())
+        else:
+            E = {w: expected_tokens(rates, w) for w in widths}
+        # On a tie the wider: it emits at least as much (E(w) is a running maximum).
+        return max(widths, key=lambda w: (E[w] / self.estimate(w) / (gain if w > 1 else 1), w))
 
     def probe_width(self) -> int:
         """Where to try drafting again: the best drafting width at the prior's rates, or
@@ -273,7 +323,7 @@ class AutoPolicy:
         steps that would emit its expected tokens) stays under PROBE_BUDGET of the steps'.
         A prior that nearly pays makes probing nearly free, so it comes soon."""
         after = PROBE_AFTER
-        if self.best(self.widths, self.prior) == 1:
+        if self.best(self.widths, self.prior, GAIN) == 1:
             w = self.probe_width()
             loss = self.seconds(w) / self.seconds(1) - expected_tokens(self.prior, w)
             after = max(after, math.ceil(loss / PROBE_BUDGET))
@@ -291,7 +341,7 @@ class AutoPolicy:
         if not self.timed or self.since_step < STEP_EVERY:
             return False
         rates = self.acceptance.rates()
-        margin = self.expected(width, rates) / self.seconds(width) * self.seconds(1)
+        margin = self.expected(rates)[width] / self.seconds(width) * self.seconds(1)
         if margin >= STEP_MARGIN:
             return False
         self.since_step = 0
@@ -303,7 +353,9 @@ class AutoPolicy:
             self.step_timing -= 1
             return 1
         if self.plain == 0:
-            width = self.best(self.widths)
+            # Drafting starts only where it beats plain steps by GAIN (a generation's
+            # first cycle here, later a probe that paid so), and goes on while it pays.
+            width = self.best(self.widths, gain=1.0 if self._seen else GAIN)
             if width > 1 and self.time_step(width):
                 self.step_timing -= 1
                 return 1
@@ -333,7 +385,7 @@ class AutoPolicy:
         readings on, replacing the file's; a width's cost against the others' decays
         slowly: the file measured them back to back, a reading here is one noisy cycle."""
         kind = "step" if width == 1 else "cycle"
-        ratio = min(max(seconds / self.costs.seconds[width], 0.25), 4.0)
+        ratio = min(max(seconds / self.costs.at(width, self.context), 0.25), 4.0)
         n = self.timings.get(kind, 0)
         new = max(1 / (n + 1), EMA)
         level = math.exp((1 - new) * math.log(self.scale[kind]) + new * math.log(ratio))
@@ -351,6 +403,8 @@ class AutoPolicy:
             self._steps, self.since_step = [0.0, 0], 0
 
     def observe(self, width: int, accepted: int, seconds: float | None) -> None:
+        if self.context is not None:
+            self.context += 1 + accepted
         if width == 1:
             # Plain steps are read one behind (queued), so one's wall time may hold the
             # next one's work: a run's mean is theirs. (A compiling first call: None.)
@@ -368,7 +422,7 @@ class AutoPolicy:
         self.since_step += 1
         if self._probe == width:
             self._probe = None
-            if (1 + accepted) / self.seconds(width) > PROBE_GAIN / self.seconds(1):
+            if (1 + accepted) / self.seconds(width) > GAIN / self.seconds(1):
                 # It paid for itself: the text changed; judge it afresh from the prior.
                 self.failed_probes, self.next_probe = 0, None
                 self.acceptance = Acceptance(list(self.prior))
@@ -398,6 +452,7 @@ class ScriptPolicy:
     script: list[int]
     max_width: int = 1
     times: dict[int, list[float]] = field(default_factory=dict)
+    log: list[float] = field(default_factory=list)  # every cycle's time, in order
 
     def __post_init__(self) -> None:
         self.max_width = max(self.script)
@@ -410,6 +465,90 @@ class ScriptPolicy:
 
     def observe(self, width: int, accepted: int, seconds: float | None) -> None:
         self.times.setdefault(width, []).append(math.inf if seconds is None else seconds)
+        self.log.append(self.times[width][-1])
+
+
+def measurement_script(widths: list[int]) -> tuple[list[int], list[int]]:
+    """(widths of the cycles in order, indices of the timed ones): WARMUP cycles of each
+    width (first uses compile), then TIMED rounds over all widths; in each, a width runs
+    twice and its second cycle is timed (the first takes the change of width), plain
+    steps three times and the middle one is timed (queued, a step's read-to-read time
+    holds the next one's launch: the first of a run reads two steps, the last ~none).
+    Rounds spread the machine's drift (a GPU's clocks ramp up, other load on a CPU) over
+    every width."""
+    script = [w for w in widths for _ in range(WARMUP)]
+    timed = []
+    for _ in range(TIMED):
+        for w in widths:
+            script += [w] * (3 if w == 1 else 2)
+            timed.append(len(script) - 2 if w == 1 else len(script) - 1)
+    return script, timed
+
+
+def _monotone(medians: dict[int, float]) -> dict[int, float]:
+    """A narrower drafting cycle does no more work than a wider one: a dearer reading is
+    noise, which only ever adds time (a first-use compile, another process)."""
+    seconds, least = {}, math.inf
+    for w in sorted(medians, reverse=True):
+        least = medians[w] if w == 1 else min(least, medians[w])
+        seconds[w] = least
+    return dict(sorted(seconds.items()))
+
+
+def _time_widths(
+    model: nn.Module,
+    draft: Any,
+    widths: list[int],
+    prompt: mx.array,
+    cache: list[Any] | None,
+    progress: Callable[[], None],
+) -> dict[int, float]:
+    """Median seconds per cycle of each width, decoding after `prompt` (on `cache`)."""
+    from .generate import dflash_cycles  # the loop imports this module
+
+    script, timed = measurement_script(widths)
+    # One more cycle after the last timed one: with static caches the loop queues a
+    # cycle before reading the one before it.
+    policy = ScriptPolicy([*script, script[-1]])
+    n = sum(script) + 2 * max(widths) + 2  # never clipped before the script ends
+    cycles = dflash_cycles(model, draft, prompt, max_tokens=n, policy=policy, prompt_cache=cache)
+    steps = len(script) // len(widths)
+    for done, _ in enumerate(cycles):  # the first is the prompt's token
+        if done and done % steps == 0:
+            progress()
+        if len(policy.log) > len(script):
+            break
+    cycles.close()
+    readings: dict[int, list[float]] = {}
+    for i in timed:
+        readings.setdefault(script[i], []).append(policy.log[i])
+    medians = {w: sorted(t)[len(t) // 2] for w, t in readings.items()}
+    return _monotone(medians)
+
+
+def repeated_cache(model: nn.Module, draft: Any, context: int) -> list[Any] | None:
+    """A DFlash prompt cache holding `context` positions without computing them: a short
+    prefill's keys and values repeated (a cycle's cost depends on the lengths, not on
+    what the keys are). None unless every cache is a plain KVCache (a window or a
+    recurrent state does not grow with the context)."""
+    from mlx_lm.models.cache import KVCache
+
+    from .session import make_prompt_cache, prefill_prompt_cache
+
+    cache = make_prompt_cache(model, draft)
+    if any(type(c) is not KVCache for c in cache):
+        return None
+    n = 64
+    vocab = draft.config.vocab_size
+    prompt = mx.random.randint(0, vocab, (n,), key=mx.random.key(2))
+    prefill_prompt_cache(model, draft, prompt, cache)
+    reps = -(-context // n)
+    for c in cache:
+        keys, values, _ = c.state
+        tile = lambda x: mx.tile(x[..., :n, :], (1, 1, reps, 1))[..., :context, :]
+        c.state = (tile(keys), tile(values), context)
+    mx.eval([c.state[:2] for c in cache])
+    return cache
 
 
 def measure_costs(
@@ -417,38 +556,30 @@ def measure_costs(
     draft: Any,
     widths: list[int],
     context: int = CONTEXT,
+    long_context: int = LONG_CONTEXT,
     progress: Callable[[int, int], None] | None = None,
 ) -> Costs:
     """Time real cycles of each width (the decode loop itself, on random tokens after a
-    `context`-token prompt): median of TIMED cycles after WARMUP. One more cycle of the
-    width follows, untimed: with static caches the loop queues a cycle before reading the
-    previous one, so the last gap of a width holds the next width's first (eager) call."""
-    from .generate import dflash_cycles  # the loop imports this module
-
-    per_width = WARMUP + TIMED + 1
-    script = [w for w in widths for _ in range(per_width)]
-    policy = ScriptPolicy(script)
+    `context`-token prompt, then after `long_context` cached positions): the median of
+    TIMED readings in rounds over the widths (measurement_script). The long context is
+    left out where its cache cannot be made without a prefill (repeated_cache)."""
     vocab = draft.config.vocab_size
+    long_cache = repeated_cache(model, draft, long_context - 1)
+    done, total = 0, len(widths) * (2 if long_cache else 1)
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total)
+
     prompt = mx.random.randint(0, vocab, (context,), key=mx.random.key(0))
-    cycles = dflash_cycles(model, draft, prompt, max_tokens=sum(script) + 1, policy=policy)
-    for done, _ in enumerate(cycles):  # the first is the prompt's token
-        if progress and done and done % per_width == 0:
-            progress(done // per_width, len(widths))
-        if done == len(script):
-            break
-    cycles.close()
-    medians = {}
-    for w in widths:
-        times = sorted(policy.times.get(w, [])[WARMUP : WARMUP + TIMED])
-        if times:
-            medians[w] = times[len(times) // 2]
-    # A narrower drafting cycle does no more work than a wider one: a dearer reading is
-    # noise, which only ever adds time (a first-use compile, another process).
-    seconds, least = {}, math.inf
-    for w in sorted(medians, reverse=True):
-        least = medians[w] if w == 1 else min(least, medians[w])
-        seconds[w] = least
-    return Costs(dict(sorted(seconds.items())), context)
+    seconds = _time_widths(model, draft, widths, prompt, None, step)
+    long = {}
+    if long_cache is not None:
+        last = mx.random.randint(0, vocab, (1,), key=mx.random.key(1))
+        long = _time_widths(model, draft, widths, last, long_cache, step)
+    return Costs(seconds, context, long, long_context)
 
 
 def costs_path(model: nn.Module, draft: Any) -> Path:
@@ -480,12 +611,24 @@ def cached_costs(model: nn.Module, draft: Any, block_size: int, force: bool = Fa
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             costs = None  # unreadable: measure again, overwrite it
     if costs is None or any(w not in costs.seconds for w in widths):
-        bar = Progress(len(widths), "dflash_mlx: timing block sizes for --block-size auto (once)")
+        bar = Progress(
+            2 * len(widths), "dflash_mlx: timing block sizes for --block-size auto (once)"
+        )
         start = time.perf_counter()
-        measured = measure_costs(model, draft, widths, progress=lambda d, _: bar.update(1))
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total  # the long context is left out for some caches
+            bar.update(1)
+
+        measured = measure_costs(model, draft, widths, progress=progress)
         bar.close()
-        old = costs.seconds if costs else {}
-        costs = Costs({**old, **measured.seconds}, measured.context)
+        old = costs or Costs({})
+        costs = Costs(
+            {**old.seconds, **measured.seconds},
+            measured.context,
+            {**old.long, **measured.long},
+            measured.long_context,
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(costs.to_json(), indent=1))
@@ -512,7 +655,7 @@ def make_policy(
     if block_size is None or block_size == "auto":
         B = draft.block_size
         rates = prior_rates(draft, B, context)
-        return AutoPolicy(cached_costs(model, draft, B), rates, B, timed)
+        return AutoPolicy(cached_costs(model, draft, B), rates, B, timed, context)
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise ValueError(  # noqa: TRY004 (a bad value from the user: one line)
             f"block size must be a positive int or 'auto', got {block_size!r}"

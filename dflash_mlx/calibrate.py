@@ -543,11 +543,13 @@ def _block_costs(model_path: str, draft_path: str, force: bool) -> None:
     draft = load_draft(draft_path)
     costs = block_policy.cached_costs(model, draft, draft.block_size, force=force)
     print(f"block-size costs: {block_policy.costs_path(model, draft)}")
-    step = costs.seconds[1]
-    print(
-        "  ms per cycle (x a plain step): "
-        + ", ".join(f"{w}: {t * 1e3:.2f} ({t / step:.2f}x)" for w, t in costs.seconds.items())
-    )
+    for context, seconds in ((costs.context, costs.seconds), (costs.long_context, costs.long)):
+        if seconds:
+            step = seconds[1]
+            print(
+                f"  ms per cycle (x a plain step) at {context} positions: "
+                + ", ".join(f"{w}: {t * 1e3:.2f} ({t / step:.2f}x)" for w, t in seconds.items())
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

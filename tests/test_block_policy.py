@@ -108,6 +108,98 @@ def test_auto_on_cpu_like_costs_decodes_plainly():
     assert sum(seconds[w] - 1 for w in widths) < 0.02 * len(widths)
 
 
+def test_costs_are_linear_in_the_context_between_and_beyond_the_two_measured():
+    costs = Costs({1: 1.0, 4: 2.0}, 512, {1: 2.0, 4: 8.0}, 4096)
+    assert costs.at(4) == 2.0  # no context: the short one's
+    assert costs.at(4, 512) == pytest.approx(2.0)
+    assert costs.at(4, 2304) == pytest.approx(5.0)  # halfway
+    assert costs.at(4, 7680) == pytest.approx(14.0)  # beyond: the same slope
+    assert costs.at(1, 0) == pytest.approx(1.0 - 512 / 3584)
+    # Cheaper with more context: noise, which only adds time; the lower reading, flat.
+    assert Costs({1: 1.0}, 512, {1: 0.9}, 4096).at(1, 128) == 0.9
+    assert Costs({1: 1.0, 2: 1.5}, 512, {1: 2.0}, 4096).at(2, 4096) == 1.5  # not measured long
+    assert Costs.from_json(costs.to_json()) == costs
+    with pytest.raises(ValueError, match="format"):  # a file from before: measured again
+        Costs.from_json({"format": 1, "context": 512, "seconds": {"1": 1.0}})
+
+
+def test_auto_at_a_long_context_decodes_plainly_where_drafting_stops_paying(monkeypatch):
+    """CPU-like growth with the context (a verify's attention reads every key once per
+    query): at 512 positions width 8 pays, at 4k nothing does. Auto drafts from the first
+    cycle at 512, decodes plainly from the first at 4k, and a generation that starts
+    short stops drafting as its context passes where width 8 stops paying."""
+    short = {1: 1.0, 2: 1.3, 4: 1.6, 8: 2.2, 16: 3.5}
+    long = {1: 1.6, 2: 4.0, 4: 6.5, 8: 11.0, 16: 20.0}
+    costs = Costs(short, 512, long, 4096)
+    rates = [0.8] * 15
+    assert AutoPolicy(costs, rates, 16, timed=False, context=512).choose() > 1
+    assert AutoPolicy(costs, rates, 16, timed=False, context=4096).choose() == 1
+    # E(w) at 0.8 and each width's linear cost: where the best drafting width's tokens
+    # per second fall below a plain step's.
+    at = lambda w, c: short[w] + (long[w] - short[w]) * (c - 512) / 3584
+    crossing = next(
+        c
+        for c in range(512, 4096)
+        if max(expected_tokens(rates, w) / at(w, c) for w in (2, 4, 8, 16)) < 1 / at(1, c)
+    )
+    policy = AutoPolicy(costs, rates, 16, timed=False, context=512)
+    policy.acceptance = block_policy.Acceptance(rates, strength=1e9, decay=1.0)  # 0.8 stays,
+    monkeypatch.setattr(block_policy, "REALIZED_WEIGHT", 1e9)  # and so does E(w)
+    context, first_plain = 512, None
+    while context < 4096 and first_plain is None:
+        w = policy.choose()
+        if w == 1 and policy.plain == 1 and first_plain is None and context > 512:
+            first_plain = context
+        accepted = round(expected_tokens(rates, w)) - 1
+        policy.observe(w, accepted, None)
+        context += 1 + accepted
+    assert first_plain is not None and abs(first_plain - crossing) <= 16
+
+
+def test_a_width_run_in_a_predictable_stretch_does_not_beat_the_block():
+    """A wider cycle emits at least what a narrower one would at the same point, so a
+    width whose cycles happened to run in predictable stretches (12: 10 tokens a cycle)
+    is not expected to emit more than the block (16: 8 a cycle, run elsewhere): with
+    costs flat in the width (a GPU) the block is chosen."""
+    seconds = {1: 0.5, 8: 1.0, 12: 1.0, 16: 1.0}
+    policy = AutoPolicy(Costs(seconds), [0.6] * 15, 16, timed=False)
+    policy.realized = {12: [20.0, 2.0], 16: [16.0, 2.0]}
+    E = policy.expected(policy.acceptance.rates())
+    assert E[16] >= E[12] >= E[8]
+    assert policy.choose() == 16
+
+
+def test_drafting_starts_only_where_it_clearly_pays_and_goes_on_while_it_pays():
+    """At break-even (the model's drafting 1.05x a plain step's tokens per second) the
+    first cycle is plain; after a probe that paid by GAIN, drafting at 1.05x goes on."""
+    rates = [0.5] * 15
+    e4 = expected_tokens(rates, 4)
+    seconds = {1: 1.0, 4: e4 / 1.05}
+    policy = AutoPolicy(Costs(seconds), rates, 4, timed=False)
+    policy.acceptance = block_policy.Acceptance(rates, strength=1e9, decay=1.0)
+    assert policy.choose() == 1
+    while (w := policy.choose()) == 1:  # plain steps until the probe
+        policy.observe(1, 0, None)
+    policy.observe(w, 3, None)  # all its drafts passed: 4 tokens in 0.97 steps' time
+    assert [policy.choose() for _ in range(5)] == [4] * 5
+
+
+def test_cost_readings_in_rounds_keep_their_ratios_on_a_drifting_machine():
+    """Costs read while the machine slows by half over the measurement (clocks, other
+    load): every width's readings are spread over the whole run, so the medians keep
+    the widths' true ratios (timed in blocks, the widest would read 1.4x dearer)."""
+    widths = [1, 2, 4, 8, 16]
+    true = {1: 1.0, 2: 2.0, 4: 2.2, 8: 2.6, 16: 3.0}
+    script, timed = block_policy.measurement_script(widths)
+    readings = {}
+    for i in timed:
+        readings.setdefault(script[i], []).append(true[script[i]] * (1 + 0.5 * i / len(script)))
+    assert all(len(readings[w]) == block_policy.TIMED for w in widths)
+    medians = {w: sorted(t)[len(t) // 2] for w, t in readings.items()}
+    for w in widths:
+        assert medians[w] / medians[1] == pytest.approx(true[w] / true[1], rel=0.1)
+
+
 def test_a_prior_that_nearly_pays_probes_soon():
     """CPU-like costs (a verify of w tokens ~0.75 w steps) and a text whose drafts are
     all accepted: with the training result's acceptance at the sequence's length (1k:
@@ -326,6 +418,8 @@ def test_measured_costs_are_cached_and_auto_is_lossless(tmp_path, monkeypatch, t
     assert len(files) == 1
     costs = Costs.from_json(json.loads(files[0].read_text()))
     assert set(costs.seconds) == set(block_policy.widths_up_to(draft.block_size))
+    assert set(costs.long) == set(costs.seconds)  # also at the long context
+    assert costs.long_context == block_policy.LONG_CONTEXT
     calls = []
     monkeypatch.setattr(block_policy, "_measured", {})
     monkeypatch.setattr(block_policy, "measure_costs", lambda *a, **k: calls.append(a))
@@ -415,3 +509,43 @@ def test_a_drafting_cycle_starts_after_the_queued_steps_are_read(tiny_pair, monk
     assert len(launches) >= 2
     for i in launches:  # every cycle chosen before this one has been read
         assert events[:i].count("observe") == events[:i].count("choose") - 1
+
+
+def test_the_long_context_cache_is_a_valid_prompt_cache(tiny_pair):
+    """measure_costs' long context (a short prefill's keys repeated, no prefill of its
+    length): decoding from it gives mlx_lm's greedy tokens from the same target cache."""
+    from mlx_lm.models.cache import KVCache
+
+    model, draft, _ = tiny_pair
+    cache = block_policy.repeated_cache(model, draft, 300)
+    n = len(cache) - len(draft.layers)
+    assert {c.offset for c in cache} == {300}
+    theirs = []
+    for c in cache[:n]:
+        keys, values, offset = c.state
+        fresh = KVCache()
+        fresh.state = (keys[..., :offset, :] * 1, values[..., :offset, :] * 1, offset)
+        theirs.append(fresh)
+    prompt = mx.array([7])
+    expected = [int(t) for t, _ in generate_step(prompt, model, max_tokens=24, prompt_cache=theirs)]
+    got = [
+        t
+        for c in dflash_cycles(model, draft, prompt, max_tokens=24, prompt_cache=cache)
+        for t in c.tokens
+    ]
+    assert got == expected
+
+
+def test_no_long_context_cache_for_windowed_layers(tmp_path):
+    """A sliding-window target's caches do not grow with the context: its costs are
+    measured at one context only (no fake cache of its rotating layers)."""
+    from conftest import write_random_draft
+    from mlx_lm import load as mlx_lm_load
+    from tiny_models import load_config, make_target
+
+    from dflash_mlx import load_draft
+
+    target = make_target(tmp_path / "target", "gemma3_text")
+    draft_dir = write_random_draft(tmp_path / "draft", load_config(target), block_size=4)
+    model, _ = mlx_lm_load(str(target))
+    assert block_policy.repeated_cache(model, load_draft(draft_dir), 300) is None
