@@ -290,14 +290,16 @@ class AutoPolicy:
         widths drafted seldom (tried every WIDER_EVERY cycles). A wider cycle emits at
         least what a narrower one would at the same point (it drafts the same tokens
         first), so E(w) is at least every narrower width's: otherwise a width run in a
-        predictable stretch looks better than the wider ones run at other times."""
-        out, most = {}, 0.0
+        predictable stretch looks better than the wider ones run at other times. More
+        exactly, at least a narrower width's E plus what the rates expect of the positions
+        in between (on a tie the wider would be left to the costs' noise)."""
+        out, before, model_before = {}, 0.0, 0.0
         for w in self.widths:
+            model = expected_tokens(rates, w)
             tokens, cycles = self.realized.get(w, (0.0, 0.0))
-            blend = (tokens + REALIZED_WEIGHT * expected_tokens(rates, w)) / (
-                cycles + REALIZED_WEIGHT
-            )
-            most = out[w] = max(most, blend)
+            blend = (tokens + REALIZED_WEIGHT * model) / (cycles + REALIZED_WEIGHT)
+            before = out[w] = max(blend, before + model - model_before)
+            model_before = model
         return out
 
     def best(self, widths: list[int], rates: list[float] | None = None, gain: float = 1.0) -> int:
@@ -308,8 +310,7 @@ class AutoPolicy:
             E = self.expected(self.acceptance.rates())
         else:
             E = {w: expected_tokens(rates, w) for w in widths}
-        # On a tie the wider: it emits at least as much (E(w) is a running maximum).
-        return max(widths, key=lambda w: (E[w] / self.estimate(w) / (gain if w > 1 else 1), w))
+        return max(widths, key=lambda w: E[w] / self.estimate(w) / (gain if w > 1 else 1.0))
 
     def probe_width(self) -> int:
         """Where to try drafting again: the best drafting width at the prior's rates, or

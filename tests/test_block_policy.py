@@ -157,15 +157,18 @@ def test_auto_at_a_long_context_decodes_plainly_where_drafting_stops_paying(monk
 
 
 def test_a_width_run_in_a_predictable_stretch_does_not_beat_the_block():
-    """A wider cycle emits at least what a narrower one would at the same point, so a
-    width whose cycles happened to run in predictable stretches (12: 10 tokens a cycle)
-    is not expected to emit more than the block (16: 8 a cycle, run elsewhere): with
-    costs flat in the width (a GPU) the block is chosen."""
-    seconds = {1: 0.5, 8: 1.0, 12: 1.0, 16: 1.0}
-    policy = AutoPolicy(Costs(seconds), [0.6] * 15, 16, timed=False)
+    """A wider cycle emits what a narrower one would at the same point and, if those
+    drafts all pass, more: so a width whose cycles happened to run in predictable
+    stretches (12: 10 tokens a cycle) is not expected to emit more than the block (16:
+    8 a cycle, run elsewhere), whose E exceeds it by what the rates expect of positions
+    12-15. The block is chosen though it costs 1 % more (a GPU: costs flat in width)."""
+    rates = [0.9] * 15
+    seconds = {1: 0.5, 8: 1.0, 12: 1.0, 16: 1.01}
+    policy = AutoPolicy(Costs(seconds), rates, 16, timed=False)
     policy.realized = {12: [20.0, 2.0], 16: [16.0, 2.0]}
     E = policy.expected(policy.acceptance.rates())
-    assert E[16] >= E[12] >= E[8]
+    extra = expected_tokens(rates, 16) - expected_tokens(rates, 12)
+    assert E[16] == pytest.approx(E[12] + extra) and E[12] >= E[8]
     assert policy.choose() == 16
 
 
