@@ -267,6 +267,7 @@ class AutoPolicy:
         self._probe: int | None = None  # width of the probe in flight
         self.next_probe: int | None = None  # wider, after a probe whose drafts all passed
         self.since_wider = 0  # drafting cycles since a wider width than the best was tried
+        self._E: dict[int, float] = {}  # E(w) as the latest choice weighed them
 
     def seconds(self, width: int) -> float:
         kind = "step" if width == 1 else "cycle"
@@ -294,8 +295,12 @@ class AutoPolicy:
         exactly, at least a narrower width's E plus what the rates expect of the positions
         in between (on a tie the wider would be left to the costs' noise)."""
         out, before, model_before = {}, 0.0, 0.0
+        model, reach, done = 1.0, 1.0, 0  # expected_tokens(rates, w), one pass for all w
         for w in self.widths:
-            model = expected_tokens(rates, w)
+            for a in rates[done : w - 1]:
+                reach *= a
+                model += reach
+            done = max(done, w - 1)
             tokens, cycles = self.realized.get(w, (0.0, 0.0))
             blend = (tokens + REALIZED_WEIGHT * model) / (cycles + REALIZED_WEIGHT)
             before = out[w] = max(blend, before + model - model_before)
@@ -307,7 +312,7 @@ class AutoPolicy:
         `gain`: this text's (blended with its cycles so far), or at `rates` alone (the
         prior's, for probes)."""
         if rates is None:
-            E = self.expected(self.acceptance.rates())
+            E = self._E = self.expected(self.acceptance.rates())
         else:
             E = {w: expected_tokens(rates, w) for w in widths}
         return max(widths, key=lambda w: E[w] / self.estimate(w) / (gain if w > 1 else 1.0))
@@ -341,8 +346,7 @@ class AutoPolicy:
         which a run of drafting cycles never measures."""
         if not self.timed or self.since_step < STEP_EVERY:
             return False
-        rates = self.acceptance.rates()
-        margin = self.expected(rates)[width] / self.seconds(width) * self.seconds(1)
+        margin = self._E[width] / self.seconds(width) * self.seconds(1)  # best() set it
         if margin >= STEP_MARGIN:
             return False
         self.since_step = 0
