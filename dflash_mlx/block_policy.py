@@ -4,11 +4,12 @@ A cycle of width w costs C(w) seconds (w = 1: one plain target step; w >= 2: a d
 forward plus a verify of w tokens) and emits E(w) = 1 + sum_{k<w} prod_{i<=k} a_i
 tokens on average, where a_i is the chance that draft position i is accepted given that
 the ones before it were. `AutoPolicy` picks the width with the most tokens per second,
-E(w) / C(w), each cycle:
+E(w) / C(w), each cycle (drafting must beat plain steps by GAIN to start):
 
-- C comes from a measurement of this machine and pair, made once (`measure_costs`, a
-  few seconds, cached under the user's cache directory beside the kernel calibration)
-  and corrected on the fly by the cycles' own wall times: per kind (plain step,
+- C comes from a measurement of this machine and pair, made once (`measure_costs`,
+  seconds, cached under the user's cache directory beside the kernel calibration) at
+  512 and 4096 cached positions, linear in the context between and beyond them, and
+  corrected on the fly by the cycles' own wall times: per kind (plain step,
   drafting cycle) a running mean of the first readings then a decayed one, which
   replaces the file's level (context grows, machines vary), and per drafting width a
   decayed correction against its kind's. A plain step is the yardstick: where drafting
@@ -21,6 +22,7 @@ E(w) / C(w), each cycle:
 - E(w) is pulled toward the tokens this generation's cycles of width w really emitted
   (decayed; the model weighs as REALIZED_WEIGHT cycles): acceptance comes in stretches,
   which rates multiplied along the block underrate at widths drafted only now and then;
+  and it never falls with the width (a wider cycle drafts the same tokens first);
 - a_i are running rates of this generation (decayed counts), starting from a prior:
   the draft's own training result (`train_result.json`'s per-position acceptance, at
   the held-out length nearest this sequence's) when it has one. Positions not drafted
@@ -33,8 +35,8 @@ drafts again (at the width the prior would pick): after 4 plain steps where the 
 says drafting pays, else only when the probe's expected loss (its time less that of the
 plain steps for its expected tokens) stays under 2 % of the plain steps' (a CPU). The
 spacing doubles while probes keep failing (a probe that only breaks even fails: it must
-beat plain steps by GAIN, as any drafting must), so a pair that does not pay costs little more than
-plain decoding.
+beat plain steps by GAIN), so a pair that does not pay costs little more than plain
+decoding.
 
 The width never changes a result: greedy output is the target's own at every width and
 sampling stays exact, since the choice depends only on cycles already finished.
