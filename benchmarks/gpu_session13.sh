@@ -3,6 +3,7 @@
 # carrying .device/b:
 #   bash benchmarks/gpu_session13.sh trace # auto's view per cycle (trace_auto.py), the costs
 #   bash benchmarks/gpu_session13.sh rows  # auto rows (costs at 512 and 4k positions), demo pair
+#   bash benchmarks/gpu_session13.sh rounds  # auto vs fixed-16 at 128 and 4k, 6 rounds
 # Logs go to $OUT, packed into one tarball at the end.
 set -u
 source benchmarks/gpu_step.sh
@@ -23,4 +24,10 @@ if [ "$1" = rows ]; then
   step 80 demo python3 -m dflash_mlx.benchmark --prompts dflash_mlx/demo_pair/eval_prompts.jsonl \
     --max-prompts 16 -m 256 --ignore-chat-template --json "$out/demo.json"
   pack rows
+fi
+if [ "$1" = rounds ]; then
+  step 400 auto6 python3 benchmarks/bench_auto.py --contexts 128,4k --n-prompts 4 \
+    --max-tokens 128 --repeats 6 --out "$out/auto6_h200_session13"
+  cp "$out/auto6_h200_session13.md" "$out/auto6.log" 2>/dev/null
+  pack rounds
 fi

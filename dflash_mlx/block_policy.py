@@ -78,6 +78,8 @@ STEP_EVERY = 16  # drafting cycles between those timings (the first after WIDER_
 STEP_RUN = 8  # plain steps folded into the costs together (their mean)
 EMA = 0.2  # weight of a new wall time (in a kind's level: after its first 1 / EMA)
 UNTRIED = 0.8  # an untimed width's cost counts this much: tried once if nearly best
+HICCUP = 1.15  # a reading moves a width's correction as if at most this much dearer
+# (H200, demo pair: width-16 cycles read 2.86-3.25 ms p10-p90, single ones up to 2x)
 
 
 class BlockPolicy(Protocol):
@@ -398,10 +400,11 @@ class AutoPolicy:
         level = math.exp((1 - new) * math.log(self.scale[kind]) + new * math.log(ratio))
         self.scale[kind], self.timings[kind] = level, n + 1
         if width > 1:
-            old = self.relative.get(width, 1.0)
-            self.relative[width] = math.exp(
-                (1 - EMA) * math.log(old) + EMA * math.log(ratio / level)
-            )
+            # Dearer than its correction by at most HICCUP a reading: a single cycle
+            # that read 2x (a hiccup) must not hand the choice to a narrower width.
+            old = math.log(self.relative.get(width, 1.0))
+            innovation = min(math.log(ratio / level) - old, math.log(HICCUP))
+            self.relative[width] = math.exp(old + EMA * innovation)
 
     def _fold_steps(self) -> None:
         total, n = self._steps
