@@ -32,8 +32,8 @@ E(w) / C(w), each cycle (drafting must beat plain steps by GAIN to start):
 
 Width 1 still feeds the draft's context, so after a run of plain steps a probe cycle
 drafts again (at the width the prior would pick): after 4 plain steps where the prior
-says drafting pays, else only when the probe's expected loss (its time less that of the
-plain steps for its expected tokens) stays under 2 % of the plain steps' (a CPU). The
+says drafting pays, else once the plain steps have earned a credit (2 % of their time)
+that covers the probe's expected loss, its real loss then taken off (a CPU). The
 spacing doubles while probes keep failing (a probe that only breaks even fails: it must
 beat plain steps by GAIN), so a pair that does not pay costs little more than plain
 decoding.
@@ -268,6 +268,7 @@ class AutoPolicy:
         self.step_timing = 0  # plain steps still to run to time one
         self.plain = 0  # plain steps since the last drafting cycle
         self.failed_probes = 0
+        self.credit = 0.0  # plain steps' worth of time probes may still lose (probe_due)
         self._probe: int | None = None  # width of the probe in flight
         self.next_probe: int | None = None  # wider, after a probe whose drafts all passed
         self.since_wider = 0  # drafting cycles since a wider width than the best was tried
@@ -326,18 +327,24 @@ class AutoPolicy:
         a wider one after a probe that did not pay though all its drafts passed."""
         return self.next_probe or self.best(self.widths[1:], self.prior)
 
-    def probe_after(self) -> int:
-        """Plain steps before the next probe, doubling with every probe that did not pay
-        for itself. Where even the prior's rates say drafting does not pay (a CPU),
-        probes are rarer still: their expected loss (the probe's time less the plain
-        steps that would emit its expected tokens) stays under PROBE_BUDGET of the steps'.
+    def probe_due(self) -> bool:
+        """Whether the plain steps since the last probe have earned the next one: at
+        least PROBE_AFTER, doubling with every probe that did not pay for itself. Where
+        even the prior's rates say drafting does not pay (a CPU), probes also spend a
+        credit: each plain step adds PROBE_BUDGET of a step's time (halved with every
+        failed probe), a probe runs once the credit covers its expected loss (its time
+        less the plain steps' for the prior's expected tokens) and its real loss is taken
+        off, so probing costs about PROBE_BUDGET of the time however the probes turn out.
         A prior that nearly pays makes probing nearly free, so it comes soon."""
-        after = PROBE_AFTER
-        if self.best(self.widths, self.prior, GAIN) == 1:
-            w = self.probe_width()
-            loss = self.seconds(w) / self.seconds(1) - expected_tokens(self.prior, w)
-            after = max(after, math.ceil(loss / PROBE_BUDGET))
-        return after << min(self.failed_probes, 6)
+        if self.plain < PROBE_AFTER << min(self.failed_probes, 6):
+            return False
+        # At the prior's rates and the costs as timed (no UNTRIED discount: that is for
+        # choosing among drafting widths, not for whether to draft).
+        rate = max(expected_tokens(self.prior, w) / self.seconds(w) for w in self.widths[1:])
+        if rate > GAIN / self.seconds(1):
+            return True
+        w = self.probe_width()
+        return self.credit >= self.seconds(w) / self.seconds(1) - expected_tokens(self.prior, w)
 
     def wider(self, width: int) -> int:
         """The candidate nearest twice `width` (at most the block): where to look next
@@ -379,14 +386,11 @@ class AutoPolicy:
                 return width
         # Drafting does not pay, or stopped paying: plain steps, now and then a probe
         # (the cheap lower bound first: a plain step should cost no more than mlx_lm's).
-        elif (
-            self.max_width > 1
-            and self.plain >= PROBE_AFTER << min(self.failed_probes, 6)
-            and self.plain >= self.probe_after()
-        ):
+        elif self.max_width > 1 and self.probe_due():
             self.plain, self._probe = 0, self.probe_width()
             return self._probe
         self.plain += 1
+        self.credit += PROBE_BUDGET / (1 << min(self.failed_probes, 6))
         return 1
 
     def _fold(self, width: int, seconds: float) -> None:
@@ -432,6 +436,8 @@ class AutoPolicy:
         self.since_step += 1
         if self._probe == width:
             self._probe = None
+            spent = seconds if self.timed and seconds is not None else self.seconds(width)
+            self.credit -= spent / self.seconds(1) - (1 + accepted)  # its real loss
             if (1 + accepted) / self.seconds(width) > GAIN / self.seconds(1):
                 # It paid for itself: the text changed; judge it afresh from the prior.
                 self.failed_probes, self.next_probe = 0, None
@@ -439,10 +445,12 @@ class AutoPolicy:
                 self.realized = {}
             elif accepted == width - 1 < self.max_width - 1:
                 # Too narrow to pay, not a bad text: the next probe goes wider, as soon.
-                self.next_probe = self.wider(width)
+                self.next_probe, self.plain = self.wider(width), 1
             else:
+                # Back to plain steps (drafting that did not pay is not resumed because
+                # the prior's rates, still most of the estimate, say it nearly pays).
                 self.failed_probes += 1
-                self.next_probe = None
+                self.next_probe, self.plain = None, 1
         self.acceptance.observe(width, accepted)
         for stats in self.realized.values():
             stats[0] *= self.acceptance.decay

@@ -108,6 +108,26 @@ def test_auto_on_cpu_like_costs_decodes_plainly():
     assert sum(seconds[w] - 1 for w in widths) < 0.02 * len(widths)
 
 
+def test_probes_cost_their_budget_when_the_text_is_worse_than_the_prior():
+    """A prior that nearly pays (width 4: 1.06x a plain step's rate, under GAIN) and a
+    text whose drafts all fail, in 128-token generations: a probe's real loss (2 steps'
+    time) is taken off its credit, so the probes cost ~1.6 % of the time (probing on the
+    prior's expected loss alone, every 4, 8, 16, ... steps: 8 %)."""
+    seconds = {1: 1.0, 2: 1.9, 3: 2.4, 4: 3.0}
+    rates = [0.85] * 3
+    assert expected_tokens(rates, 4) / seconds[4] < block_policy.GAIN
+    lost = spent = 0.0
+    for _ in range(20):
+        policy = AutoPolicy(Costs(seconds), rates, 4)
+        emitted = 0
+        while emitted < 128:
+            w = policy.choose()
+            policy.observe(w, 0, seconds[w])
+            emitted += 1
+            lost, spent = lost + seconds[w] - 1, spent + seconds[w]
+    assert lost / spent < 0.025
+
+
 def test_costs_are_linear_in_the_context_between_and_beyond_the_two_measured():
     costs = Costs({1: 1.0, 4: 2.0}, 512, {1: 2.0, 4: 8.0}, 4096)
     assert costs.at(4) == 2.0  # no context: the short one's
