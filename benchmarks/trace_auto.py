@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
+from bench_auto import long_texts  # same prompts as the benchmark (benchmarks/ on the path)
 
 from dflash_mlx import demo, load, load_draft
 from dflash_mlx.benchmark import parse_contexts
@@ -44,7 +45,7 @@ class Traced:
         return width
 
     def observe(self, width: int, accepted: int, seconds: float | None) -> None:
-        for c in reversed(self.cycles):  # cycles are read in order, one may be queued
+        for c in self.cycles:  # read in the order chosen (the next may be chosen already)
             if c["width"] == width and "accepted" not in c:
                 c["accepted"], c["seconds"] = accepted, seconds
                 break
@@ -85,9 +86,7 @@ def main() -> None:
     args = p.parse_args()
     model, tokenizer = load(str(demo.TARGET))
     draft = load_draft(str(demo.DRAFT))
-    path = demo.TARGET.parent / "eval_long.jsonl"
-    texts = [json.loads(line)["prompt"] for line in path.open() if line.strip()]
-    encoded = [tokenizer.encode(t) for t in texts]
+    encoded = [tokenizer.encode(t) for t in long_texts(demo.TARGET.parent / "eval_long.jsonl")]
     out = {}
     for n_ctx in parse_contexts(args.contexts):
         prompts = [ids[-n_ctx:] for ids in encoded if len(ids) >= n_ctx][: args.n_prompts]

@@ -255,6 +255,7 @@ class AutoPolicy:
         self.costs = costs
         self.prior = list(rates[: self.max_width - 1])
         self.acceptance = Acceptance(list(self.prior))
+        self.prior_E = {w: expected_tokens(self.prior, w) for w in self.widths}  # for probes
         # per drafting width: decayed (tokens emitted, cycles) of the cycles run at it
         self.realized: dict[int, list[float]] = {}
         # measured / file, per kind (step, cycle): this machine at this context now
@@ -312,20 +313,18 @@ class AutoPolicy:
             model_before = model
         return out
 
-    def best(self, widths: list[int], rates: list[float] | None = None, gain: float = 1.0) -> int:
+    def best(self, widths: list[int], E: dict[int, float] | None = None, gain: float = 1.0) -> int:
         """The width with the most expected tokens per second, drafting's divided by
-        `gain`: this text's (blended with its cycles so far), or at `rates` alone (the
-        prior's, for probes)."""
-        if rates is None:
+        `gain`, at expected tokens E: this text's (blended with its cycles so far) by
+        default, or the prior's (`prior_E`, for probes)."""
+        if E is None:
             E = self._E = self.expected(self.acceptance.rates())
-        else:
-            E = {w: expected_tokens(rates, w) for w in widths}
         return max(widths, key=lambda w: E[w] / self.estimate(w) / (gain if w > 1 else 1.0))
 
     def probe_width(self) -> int:
         """Where to try drafting again: the best drafting width at the prior's rates, or
         a wider one after a probe that did not pay though all its drafts passed."""
-        return self.next_probe or self.best(self.widths[1:], self.prior)
+        return self.next_probe or self.best(self.widths[1:], self.prior_E)
 
     def probe_due(self) -> bool:
         """Whether the plain steps since the last probe have earned the next one: at
@@ -340,11 +339,11 @@ class AutoPolicy:
             return False
         # At the prior's rates and the costs as timed (no UNTRIED discount: that is for
         # choosing among drafting widths, not for whether to draft).
-        rate = max(expected_tokens(self.prior, w) / self.seconds(w) for w in self.widths[1:])
+        rate = max(self.prior_E[w] / self.seconds(w) for w in self.widths[1:])
         if rate > GAIN / self.seconds(1):
             return True
         w = self.probe_width()
-        return self.credit >= self.seconds(w) / self.seconds(1) - expected_tokens(self.prior, w)
+        return self.credit >= self.seconds(w) / self.seconds(1) - self.prior_E[w]
 
     def wider(self, width: int) -> int:
         """The candidate nearest twice `width` (at most the block): where to look next
